@@ -1,0 +1,3 @@
+from .configuration_tokenpacker import TokenPackerConfig
+
+__all__ = ["TokenPackerConfig"]

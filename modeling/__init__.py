@@ -1,0 +1,8 @@
+from .modeling_tokenpacker import (
+    TokenPackerForConditionalGeneration,
+    TokenPackerModel,
+    TokenPackerPreTrainedModel,
+    TokenPackerProjector,
+)
+
+__all__ = ["TokenPackerForConditionalGeneration", "TokenPackerModel", "TokenPackerPreTrainedModel", "TokenPackerProjector"]

@@ -1,0 +1,330 @@
+"""TokenPacker: a CLIP-like vision tower, the TokenPacker projector and a causal language model (arXiv 2407.02392)."""
+
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoModel, GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_utils import slice_logits_to_keep
+from transformers.utils.deprecation import deprecate_kwarg
+
+from ..configuration.configuration_tokenpacker import TokenPackerConfig
+
+
+@dataclass
+class TokenPackerModelOutputWithPast(BaseModelOutputWithPast):
+    """`BaseModelOutputWithPast` plus `image_features`: the projected crops, (num_crops, tokens per crop, hidden)."""
+
+    image_features: torch.FloatTensor | None = None
+
+
+@dataclass
+class TokenPackerCausalLMOutputWithPast(CausalLMOutputWithPast):
+    """`CausalLMOutputWithPast` plus `image_features`: the projected crops, (num_crops, tokens per crop, hidden)."""
+
+    image_features: torch.FloatTensor | None = None
+
+
+class TokenPackerMLP(nn.Module):
+    """Linear -> activation -> Linear."""
+
+    def __init__(self, in_features: int, hidden_features: int, out_features: int, activation: str):
+        super().__init__()
+        self.linear_1 = nn.Linear(in_features, hidden_features)
+        self.act = ACT2FN[activation]
+        self.linear_2 = nn.Linear(hidden_features, out_features)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(self.act(self.linear_1(hidden_states)))
+
+
+class RegionToPointAttention(nn.Module):
+    """Multi-head attention in which each query sees only the keys and values of its own region.
+
+    All regions of all crops form one batch of tiny attention problems, solved by one scaled-dot-product call.
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = hidden_size // num_heads
+        self.q_proj = nn.Linear(hidden_size, hidden_size)
+        self.k_proj = nn.Linear(hidden_size, hidden_size)
+        self.v_proj = nn.Linear(hidden_size, hidden_size)
+        self.out_proj = nn.Linear(hidden_size, hidden_size)
+
+    def forward(self, queries: torch.Tensor, region_keys: torch.Tensor, region_values: torch.Tensor) -> torch.Tensor:
+        # queries: (regions, 1, hidden); region_keys, region_values: (regions, region_size, hidden)
+        num_regions, region_size, hidden_size = region_keys.shape
+        query = self.q_proj(queries).view(num_regions, 1, self.num_heads, self.head_dim).transpose(1, 2)
+        key = self.k_proj(region_keys).view(num_regions, region_size, self.num_heads, self.head_dim).transpose(1, 2)
+        value = self.v_proj(region_values).view(num_regions, region_size, self.num_heads, self.head_dim).transpose(1, 2)
+        attended = F.scaled_dot_product_attention(query, key, value)  # (regions, heads, 1, head_dim)
+        return self.out_proj(attended.reshape(num_regions, hidden_size))
+
+
+class TokenPackerProjector(nn.Module):
+    """Packs a crop's patch features into `(grid / scale_factor) ** 2` tokens for the language model.
+
+    1. Coarse point queries: the single-level patch features, bilinearly downsampled by `scale_factor`.
+    2. Region keys and values: the multi-level patch features (several tower layers concatenated on channels).
+    3. Region-to-point attention: each query attends to the `scale_factor ** 2` keys of the region it summarizes.
+    4. An MLP maps the result to the language model's width.
+    """
+
+    def __init__(self, config: TokenPackerConfig):
+        super().__init__()
+        vision_size = config.vision_config.hidden_size
+        width = config.projector_hidden_size
+        multi_level_size = vision_size * len(config.multi_level_feature_layers)
+        text_size = config.text_config.hidden_size
+        act, eps = config.projector_hidden_act, config.projector_layer_norm_eps
+
+        self.grid_size = config.patch_grid_size
+        self.scale_factor = config.scale_factor
+        self.query_proj = nn.Linear(vision_size, width, bias=False)
+        self.query_norm = nn.LayerNorm(width, eps=eps)
+        self.key_proj = TokenPackerMLP(multi_level_size, width, width, act)
+        self.key_norm = nn.LayerNorm(width, eps=eps)
+        self.value_proj = TokenPackerMLP(multi_level_size, width, width, act)
+        self.value_norm = nn.LayerNorm(width, eps=eps)
+        self.attention = RegionToPointAttention(width, config.projector_num_heads)
+        self.output_proj = TokenPackerMLP(width, text_size, text_size, act)
+
+    def coarse_queries(self, patch_features: torch.Tensor) -> torch.Tensor:
+        # (crops, grid*grid, C) -> (crops, (grid/s)**2, C): bilinear in float32, like the original
+        crops, _, channels = patch_features.shape
+        grid, coarse = self.grid_size, self.grid_size // self.scale_factor
+        patch_map = patch_features.view(crops, grid, grid, channels).permute(0, 3, 1, 2).float()
+        coarse_map = F.interpolate(patch_map, size=(coarse, coarse), mode="bilinear", align_corners=False)
+        return coarse_map.flatten(2).transpose(1, 2).to(patch_features.dtype)
+
+    def regions(self, features: torch.Tensor) -> torch.Tensor:
+        # (crops, grid*grid, C) -> (crops * (grid/s)**2, s*s, C): one row per region, regions in row-major order
+        crops, _, channels = features.shape
+        s, coarse = self.scale_factor, self.grid_size // self.scale_factor
+        features = features.view(crops, coarse, s, coarse, s, channels).permute(0, 1, 3, 2, 4, 5)
+        return features.reshape(crops * coarse * coarse, s * s, channels)
+
+    def forward(self, patch_features: torch.Tensor, multi_level_features: torch.Tensor) -> torch.Tensor:
+        # patch_features: (crops, grid*grid, vision); multi_level_features: (crops, grid*grid, vision * levels)
+        crops = patch_features.shape[0]
+        queries = self.query_norm(self.query_proj(self.coarse_queries(patch_features)))
+        region_keys = self.regions(self.key_norm(self.key_proj(multi_level_features)))
+        region_values = self.regions(self.value_norm(self.value_proj(multi_level_features)))
+        packed = self.attention(queries.reshape(-1, 1, queries.shape[-1]), region_keys, region_values)
+        return self.output_proj(packed.view(crops, -1, packed.shape[-1]))  # (crops, (grid/s)**2, text hidden)
+
+
+class TokenPackerPreTrainedModel(PreTrainedModel):
+    config: TokenPackerConfig
+    base_model_prefix = "model"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["TokenPackerProjector"]
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+
+    def _init_weights(self, module):
+        if isinstance(module, TokenPackerProjector):
+            for linear in module.modules():
+                if isinstance(linear, nn.Linear):
+                    init.trunc_normal_(linear.weight, std=self.config.initializer_range)
+                    if linear.bias is not None:
+                        init.zeros_(linear.bias)
+                elif isinstance(linear, nn.LayerNorm):
+                    init.ones_(linear.weight)
+                    init.zeros_(linear.bias)
+        else:
+            super()._init_weights(module)
+
+
+class TokenPackerModel(TokenPackerPreTrainedModel):
+    """Vision tower, TokenPacker projector and language model (no head)."""
+
+    def __init__(self, config: TokenPackerConfig):
+        super().__init__(config)
+        # The tower is built only up to the deepest layer the projector reads: later layers would be computed for nothing.
+        vision_config = copy.deepcopy(config.vision_config)
+        vision_config.num_hidden_layers = config.num_vision_layers_used
+        self.vision_tower = AutoModel.from_config(vision_config)
+        self.multi_modal_projector = TokenPackerProjector(config)
+        self.language_model = AutoModel.from_config(config.text_config)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module):
+        self.language_model.set_input_embeddings(value)
+
+    def get_image_features(self, pixel_values: torch.FloatTensor) -> torch.FloatTensor:
+        """(crops, 3, H, W) pixel values -> (crops, tokens per crop, text hidden) language-model inputs."""
+        query_layer, levels = self.config.feature_layer_indices
+        pixel_values = pixel_values.to(self.vision_tower.dtype)
+        hidden_states = self.vision_tower(pixel_values, output_hidden_states=True, return_dict=True).hidden_states
+        patch_features = hidden_states[query_layer][:, 1:]  # CLS dropped
+        multi_level_features = torch.cat([hidden_states[layer][:, 1:] for layer in levels], dim=-1)
+        return self.multi_modal_projector(patch_features, multi_level_features)
+
+    def image_token_mask(self, input_ids: torch.LongTensor | None, inputs_embeds: torch.Tensor) -> torch.BoolTensor:
+        """Where the image features go: `<image>` ids, or embeddings equal to the `<image>` embedding."""
+        if input_ids is not None:
+            return input_ids == self.config.image_token_id
+        image_embedding = self.get_input_embeddings()(
+            torch.tensor(self.config.image_token_id, dtype=torch.long, device=inputs_embeds.device)
+        )
+        return (inputs_embeds == image_embedding).all(-1)
+
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs,
+    ) -> TokenPackerModelOutputWithPast:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+
+        image_features = None
+        if pixel_values is not None:
+            image_features = self.get_image_features(pixel_values)
+            image_mask = self.image_token_mask(input_ids, inputs_embeds)
+            num_tokens, num_features = int(image_mask.sum()), image_features.shape[0] * image_features.shape[1]
+            if num_tokens != num_features:
+                raise ValueError(
+                    "Image features and image tokens do not match: "
+                    f"tokens: {num_tokens}, features: {num_features} "
+                    f"({image_features.shape[0]} crops x {image_features.shape[1]} tokens per crop)"
+                )
+            features = image_features.reshape(-1, image_features.shape[-1]).to(inputs_embeds.device, inputs_embeds.dtype)
+            inputs_embeds = inputs_embeds.masked_scatter(image_mask.unsqueeze(-1).to(inputs_embeds.device), features)
+
+        outputs = self.language_model(
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        return TokenPackerModelOutputWithPast(
+            last_hidden_state=outputs.last_hidden_state,
+            cache=outputs.cache,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            image_features=image_features,
+        )
+
+
+class TokenPackerForConditionalGeneration(TokenPackerPreTrainedModel, GenerationMixin):
+    """TokenPacker with a language-modelling head: answers questions about images with `generate`."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
+
+    def __init__(self, config: TokenPackerConfig):
+        super().__init__(config)
+        self.model = TokenPackerModel(config)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module):
+        self.model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Module):
+        self.lm_head = value
+
+    def get_image_features(self, pixel_values: torch.FloatTensor) -> torch.FloatTensor:
+        """(crops, 3, H, W) pixel values -> (crops, tokens per crop, text hidden) language-model inputs."""
+        return self.model.get_image_features(pixel_values)
+
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> TokenPackerCausalLMOutputWithPast:
+        r"""
+        labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
+            Next-token targets aligned with `input_ids`; -100 is ignored, and so are the image positions.
+        """
+        outputs = self.model(
+            input_ids=input_ids,
+            pixel_values=pixel_values,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        logits = self.lm_head(slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep))
+
+        loss = None
+        if labels is not None:
+            if input_ids is not None:
+                labels = labels.masked_fill(input_ids == self.config.image_token_id, -100)
+            loss = self.loss_function(
+                logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs
+            )
+
+        return TokenPackerCausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            cache=outputs.cache,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            image_features=outputs.image_features,
+        )
+
+    def _expand_inputs_for_generation(self, expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):
+        # pixel_values holds crops, not samples: repeat each sample's group of crops, not each crop.
+        pixel_values = model_kwargs.pop("pixel_values", None)
+        if expand_size > 1 and pixel_values is not None:
+            image_tokens = (input_ids == self.config.image_token_id).sum(-1)
+            crops_per_sample = (image_tokens // self.config.num_image_tokens).tolist()
+            if sum(crops_per_sample) != pixel_values.shape[0]:
+                raise ValueError(
+                    f"Cannot expand {pixel_values.shape[0]} crops for generation: input_ids hold image tokens for "
+                    f"{sum(crops_per_sample)} crops"
+                )
+            groups = pixel_values.split(crops_per_sample)
+            pixel_values = torch.cat([group for group in groups for _ in range(expand_size)])
+        input_ids, model_kwargs = super()._expand_inputs_for_generation(
+            expand_size=expand_size, is_encoder_decoder=is_encoder_decoder, input_ids=input_ids, **model_kwargs
+        )
+        if pixel_values is not None:
+            model_kwargs["pixel_values"] = pixel_values
+        return input_ids, model_kwargs
+
+
+__all__ = ["TokenPackerForConditionalGeneration", "TokenPackerModel", "TokenPackerPreTrainedModel", "TokenPackerProjector"]

@@ -1,0 +1,26 @@
+"""TokenPacker for transformers: the visual projector of arXiv 2407.02392 as a Hub-native model."""
+
+from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText
+
+from .configuration import TokenPackerConfig
+from .modeling import (
+    TokenPackerForConditionalGeneration,
+    TokenPackerModel,
+    TokenPackerPreTrainedModel,
+    TokenPackerProjector,
+)
+
+__version__ = "0.1.0"
+
+AutoConfig.register(TokenPackerConfig.model_type, TokenPackerConfig, exist_ok=True)
+AutoModel.register(TokenPackerConfig, TokenPackerModel, exist_ok=True)
+AutoModelForImageTextToText.register(TokenPackerConfig, TokenPackerForConditionalGeneration, exist_ok=True)
+
+__all__ = [
+    "TokenPackerConfig",
+    "TokenPackerForConditionalGeneration",
+    "TokenPackerModel",
+    "TokenPackerPreTrainedModel",
+    "TokenPackerProjector",
+    "__version__",
+]
