@@ -44,3 +44,42 @@ def tiny_config(**overrides):
     )
     settings.update(overrides)
     return TokenPackerConfig(**settings)
+
+
+TRAINING_WORDS = (
+    "a chat between curious human and an artificial intelligence assistant the gives helpful detailed polite "
+    "answers to questions USER ASSISTANT what is in this image describe colour red green blue square circle left "
+    "right top bottom how many shapes are there 0 1 2 3 4 5 6 7 8 9 , . ? ! :"
+).split()
+
+
+def train_sentencepiece(path, vocab_size=400):
+    """Trains a LLaMA-style sentencepiece model (BPE, byte fallback, unk 0, bos 1, eos 2) in well under a second."""
+    import io
+    import random
+
+    import sentencepiece as spm
+
+    rng = random.Random(0)
+    lines = [" ".join(rng.choice(TRAINING_WORDS) for _ in range(12)) + rng.choice(",.?") for _ in range(2000)]
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines),
+        model_writer=model,
+        vocab_size=vocab_size,
+        model_type="bpe",
+        byte_fallback=True,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        add_dummy_prefix=True,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        split_digits=True,
+        allow_whitespace_only_pieces=True,
+        character_coverage=1.0,
+        minloglevel=2,
+    )
+    path.write_bytes(model.getvalue())
+    return path

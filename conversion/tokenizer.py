@@ -1,0 +1,44 @@
+"""A fast tokenizer that gives exactly the ids of the original slow LLaMA (sentencepiece) tokenizer."""
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from tokenizers import normalizers
+from transformers import LlamaTokenizer, PreTrainedTokenizerFast
+
+IMAGE_TOKEN = "<image>"
+PAD_TOKEN = "<pad>"
+
+
+def fast_tokenizer_from_sentencepiece(
+    model_file: str | os.PathLike, model_max_length: int = 2048, image_token: str = IMAGE_TOKEN, pad_token: str = PAD_TOKEN
+) -> PreTrainedTokenizerFast:
+    """Builds a fast tokenizer from a LLaMA-style `tokenizer.model`, with `image_token` and `pad_token` appended.
+
+    sentencepiece always adds its dummy prefix '▁', also to text that starts with a space; the `Metaspace`
+    pre-tokenizer of transformers' Llama tokenizer does not ("▁ x" stays one '▁' short). The tokenizer built here
+    normalizes like sentencepiece (prepend '▁', spaces to '▁', no pre-tokenizer), so every string, and every chunk
+    the processor tokenizes between `<image>` markers, gets the original ids. It is saved as a generic
+    `TokenizersBackend` so that loading keeps this normalizer instead of rebuilding the Llama default.
+    """
+    model_file = Path(model_file)
+    if not model_file.is_file():
+        raise FileNotFoundError(f"No sentencepiece model at {model_file}")
+    with tempfile.TemporaryDirectory() as folder:
+        shutil.copy(model_file, Path(folder) / "tokenizer.model")
+        llama = LlamaTokenizer.from_pretrained(folder, add_bos_token=True, add_eos_token=False)
+    backend = llama.backend_tokenizer
+    backend.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    backend.pre_tokenizer = None
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token=llama.bos_token,
+        eos_token=llama.eos_token,
+        unk_token=llama.unk_token,
+        clean_up_tokenization_spaces=False,
+        model_max_length=model_max_length,
+    )
+    tokenizer.add_special_tokens({"extra_special_tokens": [image_token], "pad_token": pad_token})
+    return tokenizer
