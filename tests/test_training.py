@@ -28,6 +28,8 @@ from tokenpacker.training import (
 VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, image_size=336, patch_size=56)
 SETTINGS = dict(vision_feature_layer=-1, multi_level_feature_layers=[1, 2, 3, 4], projector_num_heads=4)
 TOKENS = 9  # 6x6 patch grid packed with scale factor 2
+PIECES = 512  # the task tokenizer's sentencepiece pieces, then <image> and <pad>
+IMAGE_TOKEN_ID, PAD_TOKEN_ID = 512, 513
 
 
 def tiny_llama(vocab_size):
@@ -111,7 +113,7 @@ def test_from_vision_and_text_keeps_both_models_weights_and_adds_the_tokens():
 
 def test_from_vision_and_text_rejects_what_it_cannot_use(workspace):
     with pytest.raises(ValueError, match="Pass the language model's tokenizer: text_model_or_path is a model object"):
-        TokenPackerForConditionalGeneration.from_vision_and_text(workspace / "vision", tiny_llama(400))
+        TokenPackerForConditionalGeneration.from_vision_and_text(workspace / "vision", tiny_llama(PIECES))
     with pytest.raises(TypeError, match="vision_model_or_path must be a folder, a Hub id or a PreTrainedModel, got int"):
         TokenPackerForConditionalGeneration.from_vision_and_text(3, workspace / "text")
     shallow = CLIPVisionModel(CLIPVisionConfig(**{**VISION, "num_hidden_layers": 2}))
@@ -121,8 +123,8 @@ def test_from_vision_and_text_rejects_what_it_cannot_use(workspace):
 
 def test_the_processor_matches_the_model_and_the_tower_normalization(workspace):
     model, processor = new_model(workspace)
-    assert processor.image_token_id == model.config.image_token_id == 400
-    assert processor.tokenizer.pad_token_id == model.config.text_config.pad_token_id == 401
+    assert processor.image_token_id == model.config.image_token_id == IMAGE_TOKEN_ID
+    assert processor.tokenizer.pad_token_id == model.config.text_config.pad_token_id == PAD_TOKEN_ID
     assert processor.num_image_tokens == TOKENS
     assert list(processor.image_processor.image_mean) == pytest.approx([0.48145466, 0.4578275, 0.40821073])
     (workspace / "vision_norm").mkdir(exist_ok=True)
@@ -200,7 +202,7 @@ def test_the_collator_pads_on_the_right_and_keeps_every_crop(workspace):
     for row, sample in enumerate(samples):
         length = lengths[row]
         assert torch.equal(batch["input_ids"][row, :length], sample["input_ids"])
-        assert (batch["input_ids"][row, length:] == 401).all() and (batch["labels"][row, length:] == -100).all()
+        assert (batch["input_ids"][row, length:] == PAD_TOKEN_ID).all() and (batch["labels"][row, length:] == -100).all()
         assert batch["attention_mask"][row].tolist() == [1] * length + [0] * (max(lengths) - length)
     assert torch.equal(batch["pixel_values"], torch.cat([samples[0]["pixel_values"], samples[1]["pixel_values"]]))
 
@@ -220,7 +222,7 @@ def test_a_few_trainer_steps_lower_the_loss(workspace):
     from transformers import Trainer
 
     args = training_args(workspace, "steps", max_steps=12, per_device_train_batch_size=8, learning_rate=1e-2)
-    Trainer(model=model, args=args, train_dataset=dataset, data_collator=ConversationCollator(401)).train()
+    Trainer(model=model, args=args, train_dataset=dataset, data_collator=ConversationCollator(PAD_TOKEN_ID)).train()
     after = batch_loss(model, batch)
     assert after < 0.6 * before
 

@@ -52,6 +52,7 @@ class ModelArguments:
     )
     projector_hidden_size: int | None = field(default=None, metadata={"help": "New models: the projector's width."})
     projector_num_heads: int = field(default=8, metadata={"help": "New models: heads of the region-to-point attention."})
+    initializer_range: float = field(default=0.02, metadata={"help": "New models: std of the projector's initial weights."})
     image_aspect_ratio: str = field(default="pad", metadata={"help": "New models: 'pad' (LLaVA-1.5) or 'slice' (HD)."})
     max_slices: int = field(default=9, metadata={"help": "New models in 'slice' mode: 9, 16 or 25 crops."})
     lora_enable: bool = field(default=False, metadata={"help": "Stage 2: LoRA adapters instead of the full language model."})
@@ -79,6 +80,7 @@ class ModelArguments:
             "scale_factor": self.scale_factor,
             "vision_feature_layer": self.vision_feature_layer,
             "projector_num_heads": self.projector_num_heads,
+            "initializer_range": self.initializer_range,
             "image_aspect_ratio": self.image_aspect_ratio,
             "max_slices": self.max_slices,
         }
@@ -285,21 +287,32 @@ def save_trained(trainer: Trainer, processor: TokenPackerProcessor, output_dir: 
         processor.save_pretrained(output_dir)
 
 
-def train(model_args: ModelArguments, data_args: DataArguments, training_args: TokenPackerTrainingArguments):
-    """Builds or loads the model, freezes what the stage keeps fixed and runs the Trainer; returns the Trainer."""
+def make_trainer(
+    model: TokenPackerForConditionalGeneration,
+    processor: TokenPackerProcessor,
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    training_args: TokenPackerTrainingArguments,
+) -> Trainer:
+    """Freezes what the stage keeps fixed, adds LoRA if asked, and wires the data into a Trainer."""
     if model_args.lora_enable and (training_args.fsdp or is_deepspeed_zero3_enabled()):
         raise ValueError("--lora_enable merges the adapters into full weights at the end: use DDP or DeepSpeed ZeRO-2")
-    model, processor = load_model_and_processor(model_args)
     set_trainable(model, model_args.stage, model_args.train_vision_tower)
     if model_args.lora_enable:
         model = add_lora(model, model_args)
-    trainer = Trainer(
+    return Trainer(
         model=model,
         args=training_args,
         train_dataset=ConversationDataset(data_args.data_path, processor, data_args.image_folder),
         data_collator=ConversationCollator(processor.tokenizer.pad_token_id),
         processing_class=processor,
     )
+
+
+def train(model_args: ModelArguments, data_args: DataArguments, training_args: TokenPackerTrainingArguments) -> Trainer:
+    """Builds or loads the model, trains it and saves it in `output_dir`; returns the Trainer."""
+    model, processor = load_model_and_processor(model_args)
+    trainer = make_trainer(model, processor, model_args, data_args, training_args)
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     save_trained(trainer, processor, training_args.output_dir)
     return trainer
