@@ -272,49 +272,45 @@ class TokenPackerImageProcessor(PilBackend):
         **kwargs,
     ) -> BatchFeature:
         lookup = _pixel_lookup_table(do_rescale, rescale_factor, do_normalize, image_mean, image_std)
+        block_size = (crop_size.height, crop_size.width)
         if image_aspect_ratio == "pad":
-            background = tuple(int(m * 255) for m in image_mean)
-            crops = [self._pad_crop(image, background, size, crop_size, resample, lookup) for image in images]
             grids = [(1, 1)] * len(images)
         else:
-            block_size = (crop_size.height, crop_size.width)
-            crops, grids = [], []
-            for image in images:
-                grid = select_slice_grid(image.shape[0], image.shape[1], max_slices, block_size)
-                crops.append(self._slice_crops(image, grid, block_size, lookup))
-                grids.append(grid)
-        crop_shape = (-1, 3, crop_size.height, crop_size.width)
-        data = {
-            "pixel_values": torch.cat([torch.as_tensor(image_crops).view(crop_shape) for image_crops in crops]),
-            "image_grids": torch.tensor(grids, dtype=torch.long),
-        }
+            grids = [select_slice_grid(image.shape[0], image.shape[1], max_slices, block_size) for image in images]
+        crop_counts = [self.num_crops(*grid) for grid in grids]
+        pixel_values = torch.empty(sum(crop_counts), 3, *block_size)  # every crop is written below
+        for image, grid, crops in zip(images, grids, pixel_values.split(crop_counts)):
+            if image_aspect_ratio == "pad":
+                background = tuple(int(m * 255) for m in image_mean)
+                self._write_pad_crop(crops[0], image, background, size, crop_size, resample, lookup)
+            else:
+                _write_slice_crops(crops, image, grid, lookup)
+        data = {"pixel_values": pixel_values, "image_grids": torch.tensor(grids, dtype=torch.long)}
         if return_tensors == "np":
             data = {key: value.numpy() for key, value in data.items()}
         return BatchFeature(data=data)
 
-    def _pad_crop(self, image, background, size, crop_size, resample, lookup) -> np.ndarray:
+    def _write_pad_crop(self, out: torch.Tensor, image, background, size, crop_size, resample, lookup):
         """LLaVA-1.5: centre the image on a square of the background colour, then CLIP's resize and centre crop."""
         square = expand_to_square(image, background).transpose(2, 0, 1)  # (3, side, side)
         square = self.resize(square, size=size, resample=resample)
-        square = self.center_crop(square, crop_size)
-        return _apply_lookup(lookup, square)  # (3, crop height, crop width)
+        square = self.center_crop(square, crop_size)  # (3, crop height, crop width)
+        _apply_lookup(lookup, square, out.numpy())
 
-    @staticmethod
-    def _slice_crops(image, grid, block_size, lookup) -> torch.Tensor:
-        """TokenPacker-HD: the grid's blocks row by row, then the thumbnail when there are several blocks."""
-        height, width = image.shape[:2]
-        (h_block, w_block), (block_height, block_width) = grid, block_size
-        pixels = torch.from_numpy(_apply_lookup(lookup, image.transpose(2, 0, 1)))[None]  # (1, 3, height, width)
 
-        canvas = _resize_onto_zeros(pixels, (height, width), (block_height * h_block, block_width * w_block))
-        blocks = canvas.view(3, h_block, block_height, w_block, block_width).permute(1, 3, 0, 2, 4)
-        blocks = blocks.reshape(h_block * w_block, 3, block_height, block_width)
-        if h_block * w_block == 1:
-            return blocks
+def _write_slice_crops(out: torch.Tensor, image: np.ndarray, grid: tuple[int, int], lookup: np.ndarray):
+    """TokenPacker-HD into `out` (crops, 3, block height, block width): the blocks row by row, then the thumbnail."""
+    height, width = image.shape[:2]
+    (h_block, w_block), (block_height, block_width) = grid, out.shape[-2:]
+    pixels = torch.from_numpy(_apply_lookup(lookup, image.transpose(2, 0, 1)))  # (3, height, width)
+
+    canvas = _resize_onto_zeros(pixels, (height, width), (block_height * h_block, block_width * w_block))
+    blocks = canvas.view(3, h_block, block_height, w_block, block_width).permute(1, 3, 0, 2, 4)
+    out[: h_block * w_block].view(h_block, w_block, 3, block_height, block_width).copy_(blocks)
+    if h_block * w_block > 1:
         # The thumbnail squeezes the padded canvas with the original image's aspect ratio (the released weights
         # were trained on it).
-        thumbnail = _resize_onto_zeros(canvas[None], (height, width), block_size)
-        return torch.cat([blocks, thumbnail[None]])
+        out[-1] = _resize_onto_zeros(canvas, (height, width), (block_height, block_width))
 
 
 def expand_to_square(image: np.ndarray, background: tuple[int, int, int]) -> np.ndarray:
@@ -331,11 +327,13 @@ def expand_to_square(image: np.ndarray, background: tuple[int, int, int]) -> np.
 
 
 def _resize_onto_zeros(pixels: torch.Tensor, image_size, target_size) -> torch.Tensor:
-    """Bilinear resize of (1, 3, h, w) to fit `target_size` with `image_size`'s aspect, top-left on zeros."""
+    """Bilinear resize of (3, h, w) to fit `target_size` with `image_size`'s aspect, top-left on zeros."""
     fitted_height, fitted_width = fit_size(*image_size, *target_size)
-    resized = F.interpolate(pixels, size=(fitted_height, fitted_width), mode="bilinear", align_corners=False)
+    resized = F.interpolate(pixels[None], size=(fitted_height, fitted_width), mode="bilinear", align_corners=False)[0]
+    if (fitted_height, fitted_width) == tuple(target_size):
+        return resized
     canvas = torch.zeros(3, *target_size)
-    canvas[:, :fitted_height, :fitted_width] = resized[0]
+    canvas[:, :fitted_height, :fitted_width] = resized
     return canvas
 
 
@@ -351,9 +349,9 @@ def _pixel_lookup_table(do_rescale, rescale_factor, do_normalize, image_mean, im
     return table
 
 
-def _apply_lookup(table: np.ndarray, image: np.ndarray) -> np.ndarray:
-    """(3, h, w) uint8 -> (3, h, w) float32 through the per-channel lookup table."""
-    out = np.empty(image.shape, dtype=np.float32)
+def _apply_lookup(table: np.ndarray, image: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """(3, h, w) uint8 -> (3, h, w) float32 through the per-channel lookup table, into `out` when given."""
+    out = np.empty(image.shape, dtype=np.float32) if out is None else out
     for channel in range(3):
         np.take(table[channel], image[channel], out=out[channel])
     return out
