@@ -46,7 +46,6 @@ _GRIDS_UP_TO_25 = _GRIDS_UP_TO_16 + (
 SLICE_GRIDS = {9: _GRIDS_UP_TO_9, 16: _GRIDS_UP_TO_16, 25: _GRIDS_UP_TO_25}
 
 IMAGE_ASPECT_RATIOS = ("pad", "slice")
-_MODES_BY_CHANNELS = {2: "LA", 3: "RGB", 4: "RGBA"}
 FIXED_BY_MODE = ("do_resize", "do_center_crop", "do_pad")
 
 
@@ -238,8 +237,8 @@ class TokenPackerImageProcessor(PilBackend):
             raise ValueError("expected at least one image, got an empty list")
         return flat
 
-    def process_image(self, image, do_convert_rgb: bool = True, input_data_format=None, **kwargs) -> np.ndarray:
-        """One input image as an RGB uint8 array (height, width, 3), converted like PIL's `convert('RGB')`."""
+    def process_image(self, image, do_convert_rgb: bool = True, input_data_format=None, **kwargs) -> PIL.Image.Image:
+        """One input image as an RGB PIL image, converted like PIL's `convert('RGB')`."""
         if isinstance(image, (str, os.PathLike)):
             image = _load_image_file(os.fspath(image))
         if isinstance(image, torch.Tensor):
@@ -253,11 +252,11 @@ class TokenPackerImageProcessor(PilBackend):
             if not do_convert_rgb:
                 raise ValueError(f"do_convert_rgb is False, so images must be RGB, got a {image.mode!r} image")
             image = image.convert("RGB")
-        return np.asarray(image)
+        return image
 
     def _preprocess(
         self,
-        images: list[np.ndarray],
+        images: list[PIL.Image.Image],
         image_aspect_ratio: str,
         max_slices: int,
         size: SizeDict,
@@ -276,15 +275,15 @@ class TokenPackerImageProcessor(PilBackend):
         if image_aspect_ratio == "pad":
             grids = [(1, 1)] * len(images)
         else:
-            grids = [select_slice_grid(image.shape[0], image.shape[1], max_slices, block_size) for image in images]
+            grids = [select_slice_grid(image.height, image.width, max_slices, block_size) for image in images]
         crop_counts = [self.num_crops(*grid) for grid in grids]
         pixel_values = torch.empty(sum(crop_counts), 3, *block_size)  # every crop is written below
+        background = tuple(int(m * 255) for m in image_mean)  # LLaVA-1.5's padding colour: (122, 116, 104) for CLIP
         for image, grid, crops in zip(images, grids, pixel_values.split(crop_counts)):
             if image_aspect_ratio == "pad":
-                background = tuple(int(m * 255) for m in image_mean)
                 self._write_pad_crop(crops[0], image, background, size, crop_size, resample, lookup)
             else:
-                _write_slice_crops(crops, image, grid, lookup)
+                _write_slice_crops(crops, np.asarray(image), grid, lookup)
         data = {"pixel_values": pixel_values, "image_grids": torch.tensor(grids, dtype=torch.long)}
         if return_tensors == "np":
             data = {key: value.numpy() for key, value in data.items()}
@@ -292,10 +291,10 @@ class TokenPackerImageProcessor(PilBackend):
 
     def _write_pad_crop(self, out: torch.Tensor, image, background, size, crop_size, resample, lookup):
         """LLaVA-1.5: centre the image on a square of the background colour, then CLIP's resize and centre crop."""
-        square = expand_to_square(image, background).transpose(2, 0, 1)  # (3, side, side)
-        square = self.resize(square, size=size, resample=resample)
-        square = self.center_crop(square, crop_size)  # (3, crop height, crop width)
-        _apply_lookup(lookup, square, out.numpy())
+        side = size.shortest_edge  # the square's shortest side is every side
+        square = expand_to_square(image, background).resize((side, side), resample=resample)
+        crop = self.center_crop(np.asarray(square).transpose(2, 0, 1), crop_size)  # (3, crop height, crop width)
+        _apply_lookup(lookup, crop, out.numpy())
 
 
 def _write_slice_crops(out: torch.Tensor, image: np.ndarray, grid: tuple[int, int], lookup: np.ndarray):
@@ -313,23 +312,24 @@ def _write_slice_crops(out: torch.Tensor, image: np.ndarray, grid: tuple[int, in
         out[-1] = _resize_onto_zeros(canvas, (height, width), (block_height, block_width))
 
 
-def expand_to_square(image: np.ndarray, background: tuple[int, int, int]) -> np.ndarray:
-    """LLaVA-1.5's expand2square on an RGB array (height, width, 3): centred on a square of `background`."""
-    height, width = image.shape[:2]
-    if height == width:
+def expand_to_square(image: PIL.Image.Image, background: tuple[int, int, int]) -> PIL.Image.Image:
+    """LLaVA-1.5's expand2square: the image centred on a square of the `background` colour."""
+    width, height = image.size
+    if width == height:
         return image
-    side = max(height, width)
-    square = np.empty((side, side, 3), dtype=np.uint8)
-    square[:] = np.array(background, dtype=np.uint8)
-    top, left = (side - height) // 2, (side - width) // 2
-    square[top : top + height, left : left + width] = image
+    side = max(width, height)
+    square = PIL.Image.new(image.mode, (side, side), background)
+    square.paste(image, ((side - width) // 2, (side - height) // 2))
     return square
 
 
 def _resize_onto_zeros(pixels: torch.Tensor, image_size, target_size) -> torch.Tensor:
     """Bilinear resize of (3, h, w) to fit `target_size` with `image_size`'s aspect, top-left on zeros."""
     fitted_height, fitted_width = fit_size(*image_size, *target_size)
-    resized = F.interpolate(pixels[None], size=(fitted_height, fitted_width), mode="bilinear", align_corners=False)[0]
+    resized = pixels
+    if (fitted_height, fitted_width) != pixels.shape[-2:]:  # a same-size bilinear resize is the identity
+        resized = F.interpolate(pixels[None], size=(fitted_height, fitted_width), mode="bilinear", align_corners=False)
+        resized = resized[0]
     if (fitted_height, fitted_width) == tuple(target_size):
         return resized
     canvas = torch.zeros(3, *target_size)
@@ -414,8 +414,7 @@ def _array_to_pil(array: np.ndarray, layout: str) -> PIL.Image.Image:
             f"or a 4D batch of those, got shape {array.shape}"
         )
     _check_image_size(array.shape[1], array.shape[0])
-    mode = "L" if array.ndim == 2 else _MODES_BY_CHANNELS[array.shape[-1]]
-    return PIL.Image.fromarray(np.ascontiguousarray(_to_uint8(array)), mode)
+    return PIL.Image.fromarray(np.ascontiguousarray(_to_uint8(array)))  # L, LA, RGB or RGBA by channel count
 
 
 def _to_uint8(array: np.ndarray) -> np.ndarray:

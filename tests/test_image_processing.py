@@ -3,7 +3,7 @@
 import http.server
 import json
 import threading
-from functools import partial
+from functools import lru_cache, partial
 
 import numpy as np
 import PIL.Image
@@ -18,6 +18,7 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
+@lru_cache(maxsize=None)
 def photo(height, width, seed=0):
     """A deterministic RGB image with smooth gradients and noise, so that every resampling detail shows."""
     rng = np.random.default_rng(seed)
@@ -40,10 +41,13 @@ def reference_expand2square(image, background):
     return square
 
 
+CLIP_PROCESSOR = CLIPImageProcessorPil(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336})
+
+
 def reference_pad(image):
     background = tuple(int(m * 255) for m in CLIP_MEAN)
-    clip = CLIPImageProcessorPil(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336})
-    return clip(reference_expand2square(image.convert("RGB"), background), return_tensors="pt")["pixel_values"]
+    square = reference_expand2square(image.convert("RGB"), background)
+    return CLIP_PROCESSOR(square, return_tensors="pt")["pixel_values"]
 
 
 def test_pad_background_is_the_clip_mean_colour():
