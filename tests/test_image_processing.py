@@ -447,3 +447,13 @@ def test_slice_with_another_block_size_uses_it_for_grid_blocks_and_thumbnail():
     crops, grid = reference_slice(image, 9, block=224)
     assert outputs["image_grids"].tolist() == [list(grid)]
     torch.testing.assert_close(outputs["pixel_values"], crops, rtol=0, atol=1e-6)
+
+
+def test_input_data_format_settles_ambiguous_array_layouts():
+    hwc = np.arange(3 * 4 * 3, dtype=np.uint8).reshape(3, 4, 3)  # 3 rows, 4 columns, RGB; also a valid (C, H, W)
+    processor = TokenPackerImageProcessor()
+    expected = processor(PIL.Image.fromarray(hwc))["pixel_values"]
+    assert torch.equal(processor(hwc)["pixel_values"], expected)
+    chw = np.ascontiguousarray(hwc.transpose(2, 0, 1))  # (3, 3, 4): channels first and last both plausible
+    assert torch.equal(processor(chw, input_data_format="channels_first")["pixel_values"], expected)
+    assert torch.equal(processor(torch.from_numpy(chw))["pixel_values"], expected)
