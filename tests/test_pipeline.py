@@ -78,7 +78,7 @@ def test_chat_answer_equals_generate(answerer, loaded):
 
 
 def test_batched_chats_with_images_of_different_sizes(answerer):
-    images = [picture(90, 120, (30, 160, 60)), picture(300, 200, (20, 40, 220)), picture(60, 50, (240, 240, 240))]
+    images = [picture(90, 120, (255, 255, 255)), picture(300, 200, (0, 0, 0)), picture(60, 50, (255, 0, 0))]
     questions = ["What is on the left?", "What is on the left?", "And what is on the right of the green square?"]
     chats = [
         chat(image, question) for image, question in zip(images, questions, strict=True)
@@ -91,7 +91,7 @@ def test_batched_chats_with_images_of_different_sizes(answerer):
 
 
 def test_images_and_text_prompts(answerer, loaded):
-    images = [picture(90, 120, (30, 160, 60)), picture(300, 200, (20, 40, 220))]
+    images = [picture(90, 120, (255, 255, 255)), picture(300, 200, (0, 0, 0))]
     questions = ["What is on the left?", "What is on the left?"]
     prompts = [f"{SYSTEM} USER: <image>\n{question} ASSISTANT:" for question in questions]
     results = answerer(images=images, text=prompts, max_new_tokens=NEW_TOKENS, return_full_text=False)
