@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import HfArgumentParser
+from transformers import HfArgumentParser, set_seed
 
 from tokenpacker import TokenPackerForConditionalGeneration, TokenPackerProcessor
 from tokenpacker.modeling.modeling_tokenpacker import TokenPackerMLP
@@ -62,6 +62,7 @@ class BenchmarkArguments:
 def main(argv: list[str]):
     parser = HfArgumentParser((ModelArguments, DataArguments, TokenPackerTrainingArguments, BenchmarkArguments))
     model_args, data_args, training_args, benchmark_args = parser.parse_args_into_dataclasses(args=argv)
+    set_seed(training_args.seed)
     model, processor = load_model_and_processor(model_args)
     model.model.multi_modal_projector = AvgPoolProjector(model.config)
     model.model.multi_modal_projector.apply(model._init_weights)

@@ -293,12 +293,7 @@ class TokenPackerForConditionalGeneration(TokenPackerPreTrainedModel, Generation
             _load_pretrained(vision_model_or_path, "vision_model_or_path", _load_vision_tower)
         )
         text_model = _load_pretrained(text_model_or_path, "text_model_or_path", AutoModelForCausalLM.from_pretrained)
-        if tokenizer is None:
-            if isinstance(text_model_or_path, PreTrainedModel):
-                raise ValueError("Pass the language model's tokenizer: text_model_or_path is a model object, not a folder")
-            tokenizer = AutoTokenizer.from_pretrained(text_model_or_path)
-        if not isinstance(tokenizer, PreTrainedTokenizerBase):
-            raise TypeError(f"tokenizer must be a transformers tokenizer, got {type(tokenizer).__name__}")
+        tokenizer = language_model_tokenizer(text_model_or_path, tokenizer)
         new_tokens = {} if image_token in tokenizer.get_vocab() else {"extra_special_tokens": [image_token]}
         if tokenizer.pad_token is None:
             new_tokens["pad_token"] = pad_token
@@ -402,6 +397,19 @@ class TokenPackerForConditionalGeneration(TokenPackerPreTrainedModel, Generation
         if pixel_values is not None:
             model_kwargs["pixel_values"] = pixel_values
         return input_ids, model_kwargs
+
+
+def language_model_tokenizer(
+    text_model_or_path: str | os.PathLike | PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None = None
+) -> PreTrainedTokenizerBase:
+    """`tokenizer` when given, else the tokenizer saved with the language model (a folder or Hub id)."""
+    if tokenizer is None:
+        if isinstance(text_model_or_path, PreTrainedModel):
+            raise ValueError("Pass the language model's tokenizer: text_model_or_path is a model object, not a folder")
+        tokenizer = AutoTokenizer.from_pretrained(text_model_or_path)
+    if not isinstance(tokenizer, PreTrainedTokenizerBase):
+        raise TypeError(f"tokenizer must be a transformers tokenizer, got {type(tokenizer).__name__}")
+    return tokenizer
 
 
 def _load_pretrained(model_or_path, name: str, load):

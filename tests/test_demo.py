@@ -10,7 +10,7 @@ from tokenpacker.demo import DEMO_IMAGE, default_folder, main
 
 
 def run(capsys, *args):
-    assert main([*args, "--max-new-tokens", "4"]) == 0
+    assert main(["--random", *args, "--max-new-tokens", "4"]) == 0
     return capsys.readouterr().out
 
 
@@ -49,5 +49,24 @@ def test_the_cache_lives_in_the_users_cache_directory(monkeypatch, tmp_path):
 def test_an_unrelated_output_folder_is_refused(tmp_path, capsys):
     (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(SystemExit):
-        main(["--output", str(tmp_path)])
+        main(["--random", "--output", str(tmp_path)])
     assert f"--output {tmp_path} is neither empty nor a demo model folder" in capsys.readouterr().err
+
+
+def test_the_default_demo_answers_a_held_out_scene_with_the_trained_model(capsys):
+    from tokenpacker.shapes import QUESTIONS, render_scene
+
+    assert main(["--scene", "5", "--max-new-tokens", "4"]) == 0
+    out = capsys.readouterr().out
+    scene = render_scene("test", 5)
+    assert f"held-out tiny-shapes scene 5: a {scene.colour} {scene.kind}, {scene.position}" in out
+    for attribute, question in QUESTIONS.items():
+        truth = getattr(scene, attribute)
+        assert f"Question: {question}\nAnswer: {truth} (true answer: {truth})" in out
+    assert "Visual tokens: 9 for the image (each packs a 4x4 region of the 12x12 patch grid)" in out
+
+
+def test_hd_and_output_go_with_the_random_model(capsys):
+    with pytest.raises(SystemExit):
+        main(["--hd"])
+    assert "--hd and --output go with --random" in capsys.readouterr().err

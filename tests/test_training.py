@@ -21,6 +21,7 @@ from tokenpacker.training import (
     chat_messages,
     encode_conversation,
     main,
+    make_trainer,
     set_trainable,
     train,
 )
@@ -178,6 +179,25 @@ def test_labels_keep_only_the_answers_and_their_end_tokens(workspace, mode):
     assert positions[-1] == len(input_ids) - 1
 
 
+def test_the_plain_format_trains_the_caption_and_its_newline(workspace):
+    _, processor = new_model(workspace)
+    caption = "a small red circle at the top left"
+    question = {"from": "human", "value": "Describe the image.\n<image>"}
+    two_turns = [question, {"from": "gpt", "value": caption}, {"from": "human", "value": "Again?"}, {"from": "gpt", "value": "yes"}]
+    records = [{"image": "images/train-000000.png", "conversations": turns} for turns in (two_turns[:2], two_turns)]
+    (workspace / "data" / "captions.json").write_text(json.dumps(records))
+    dataset = ConversationDataset(workspace / "data" / "captions.json", processor, conversation_format="plain")
+    sample = dataset[0]
+    pieces = spm.SentencePieceProcessor(model_file=str(workspace / "text" / "tokenizer.model"))
+    expected_ids = [pieces.bos_id()] + [IMAGE_TOKEN_ID] * TOKENS + pieces.encode(caption + "\n")
+    assert sample["input_ids"].tolist() == expected_ids  # the question is dropped, like the original's stage 1
+    assert sample["labels"].tolist() == [-100] * (1 + TOKENS) + pieces.encode(caption + "\n")
+    with pytest.raises(ValueError, match="The plain format takes an image and one question/caption pair; record 1 has not"):
+        dataset[1]
+    with pytest.raises(ValueError, match="conversation_format must be one of \\('vicuna_v1', 'plain'\\), got 'v1'"):
+        ConversationDataset(workspace / "data" / "train.json", processor, conversation_format="v1")
+
+
 def test_conversations_must_be_well_formed(workspace):
     with pytest.raises(ValueError, match="Turn 1 must be {'from': 'gpt', 'value': str}"):
         chat_messages([{"from": "human", "value": "<image>\nhi"}, {"from": "human", "value": "again"}], 1, "<image>")
@@ -255,6 +275,23 @@ def test_stage_2_leaves_the_vision_tower_frozen_unless_asked():
     assert all(p.requires_grad for p in model.parameters())
 
 
+def test_the_projector_and_the_tower_can_have_learning_rates_of_their_own(workspace):
+    model, processor = new_model(workspace)
+    model_args = ModelArguments(
+        vision_tower=str(workspace / "vision"), language_model=str(workspace / "text"), train_vision_tower=True, **SETTINGS
+    )
+    args = training_args(workspace, "rates", learning_rate=1e-3, projector_lr=5e-3, vision_tower_lr=1e-4, weight_decay=0.1)
+    trainer = make_trainer(model, processor, model_args, DataArguments(str(workspace / "data" / "train.json")), args)
+    optimizer = trainer.create_optimizer()
+    rates = {id(p): (group["lr"], group["weight_decay"]) for group in optimizer.param_groups for p in group["params"]}
+    assert len(rates) == sum(1 for _ in model.parameters())
+    for name, parameter in model.named_parameters():
+        rate = 5e-3 if "multi_modal_projector." in name else 1e-4 if "vision_tower." in name else 1e-3
+        decay = 0.0 if "bias" in name or "norm" in name or "layernorm" in name else 0.1
+        assert rates[id(parameter)] == (rate, decay), name
+    assert optimizer.param_groups[0]["lr"] == 1e-3  # the one the Trainer logs
+
+
 def test_the_command_saves_checkpoints_that_reload(workspace):
     output = workspace / "cli"
     main(
@@ -308,3 +345,20 @@ def test_lora_trains_adapters_and_saves_a_merged_model(workspace):
             assert same, name
     assert not torch.equal(merged.model.language_model.layers[0].self_attn.q_proj.weight, initial.model.language_model.layers[0].self_attn.q_proj.weight)
     assert not torch.equal(merged.model.multi_modal_projector.query_proj.weight, initial.model.multi_modal_projector.query_proj.weight)
+
+
+def test_the_shipped_model_answers_held_out_scenes():
+    from tokenpacker.demo import TRAINED_MODEL
+    from tokenpacker.shapes import QUESTIONS
+
+    model = TokenPackerForConditionalGeneration.from_pretrained(TRAINED_MODEL)
+    processor = TokenPackerProcessor.from_pretrained(TRAINED_MODEL)
+    for index in range(4):
+        scene = render_scene("test", index)
+        for attribute, question in QUESTIONS.items():
+            prompt = processor.apply_chat_template(
+                [{"role": "user", "content": f"<image>\n{question}"}], add_generation_prompt=True, tokenize=False
+            )
+            inputs = processor(images=scene.image, text=prompt)
+            generated = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+            assert processor.decode(generated[0, inputs["input_ids"].shape[1] :]) == getattr(scene, attribute)

@@ -1,9 +1,13 @@
-"""TokenPacker end to end on this machine, with nothing to download: `python -m tokenpacker.demo [--hd]`.
+"""TokenPacker end to end on this machine, with nothing to download: `python -m tokenpacker.demo [--random [--hd]]`.
 
-Builds a small TokenPacker model with random weights and its own sentencepiece tokenizer, saves it as a Hub folder
-(cached for the next run), loads it back with `AutoModelForImageTextToText` and `AutoProcessor`, and asks a question
-about an image shipped with the package through `pipeline("image-text-to-text")`. The weights are random, so the
-answer is noise; everything around it (chat prompt, tokenization, crops, visual token layout, generation) is real.
+By default it loads the small TokenPacker model trained on the tiny-shapes task that ships with the package
+(`tokenpacker/pretrained/tiny-shapes`) with `AutoModelForImageTextToText` and `AutoProcessor`, draws a held-out
+scene and asks its questions through `pipeline("image-text-to-text")`, next to the true answers.
+
+`--random` builds a small TokenPacker model with random weights and its own sentencepiece tokenizer instead, saves
+it as a Hub folder (cached for the next run), loads it back and asks a question about an image shipped with the
+package (`--hd`: in TokenPacker-HD's "slice" mode). The weights are random, so the answer is noise; everything around
+it (chat prompt, tokenization, crops, visual token layout, generation) is real.
 """
 
 import argparse
@@ -21,8 +25,10 @@ from transformers import AutoModelForImageTextToText, AutoProcessor, pipeline
 
 from . import TokenPackerConfig, TokenPackerForConditionalGeneration, TokenPackerProcessor, __version__
 from .conversion import fast_tokenizer_from_sentencepiece, train_llama_sentencepiece
+from .shapes import QUESTIONS, render_scene
 
 DEMO_IMAGE = files("tokenpacker") / "assets" / "demo.png"
+TRAINED_MODEL = Path(str(files("tokenpacker") / "pretrained" / "tiny-shapes"))
 QUESTION = "What shapes are in this image, and what colour are they?"
 LLAVA_VISUAL_TOKENS = 576  # LLaVA-1.5's MLP projector: one token per CLIP ViT-L/14-336 patch
 VOCABULARY_WORDS = (
@@ -138,16 +144,58 @@ def visual_token_summary(processor: TokenPackerProcessor, image: Image.Image) ->
     return summary + f"; LLaVA-1.5 uses {LLAVA_VISUAL_TOKENS} for one 336x336 crop"
 
 
+def trained_model_demo(scene_index: int, question: str | None, max_new_tokens: int) -> int:
+    """The shipped tiny-shapes model answers questions about a held-out scene."""
+    load_start = time.perf_counter()
+    model = AutoModelForImageTextToText.from_pretrained(TRAINED_MODEL)
+    processor = AutoProcessor.from_pretrained(TRAINED_MODEL)
+    answerer = pipeline("image-text-to-text", model=model, processor=processor)
+    load_seconds = time.perf_counter() - load_start
+    scene = render_scene("test", scene_index)
+    truths = {text: getattr(scene, attribute) for attribute, text in QUESTIONS.items()}
+    questions = [question] if question is not None else list(truths)
+    print(f"Model: {TRAINED_MODEL} (trained on tiny shapes; `--random` for the random-weight model)")
+    print(f"Image: held-out tiny-shapes scene {scene_index}: a {scene.colour} {scene.kind}, {scene.position}")
+    answer_start = time.perf_counter()
+    for text in questions:
+        messages = [{"role": "user", "content": [{"type": "image", "image": scene.image}, {"type": "text", "text": text}]}]
+        answer = answerer(text=messages, max_new_tokens=max_new_tokens, return_full_text=False)[0]["generated_text"]
+        truth = f" (true answer: {truths[text]})" if text in truths else ""
+        print(f"Question: {text}\nAnswer: {answer}{truth}")
+    answer_seconds = time.perf_counter() - answer_start
+    config = model.config
+    grid, scale = config.patch_grid_size, config.scale_factor
+    print(
+        f"Visual tokens: {config.num_image_tokens} for the image (each packs a {scale}x{scale} region of the "
+        f"{grid}x{grid} patch grid)"
+    )
+    print(f"Time: {answer_seconds:.1f} s to answer, {load_seconds:.1f} s to load the model")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tokenpacker.demo", description=__doc__.splitlines()[0])
-    parser.add_argument("--hd", action="store_true", help="TokenPacker-HD: slice the image into a grid of crops")
-    parser.add_argument("--output", type=Path, help="folder for the demo model (default: the user's cache directory)")
-    parser.add_argument("--question", default=QUESTION, help="the question to ask about the image")
+    parser.add_argument("--random", action="store_true", help="a random-weight model instead of the trained one")
+    parser.add_argument("--hd", action="store_true", help="with --random: slice the image into a grid of crops")
+    parser.add_argument("--output", type=Path, help="with --random: folder for the model (default: the user's cache)")
+    parser.add_argument("--scene", type=int, default=0, help="the held-out tiny-shapes scene to ask about")
+    parser.add_argument("--question", help="the question to ask (default: the scene's questions)")
     parser.add_argument("--max-new-tokens", type=int, default=20, help="length of the answer in tokens")
     args = parser.parse_args(argv)
     if args.max_new_tokens < 1:
         parser.error(f"--max-new-tokens must be a positive integer, got {args.max_new_tokens}")
+    if not args.random:
+        if args.hd or args.output is not None:
+            parser.error("--hd and --output go with --random: the trained tiny-shapes model is a 'pad' model")
+        if args.scene < 0:
+            parser.error(f"--scene must be a non-negative integer, got {args.scene}")
+        return trained_model_demo(args.scene, args.question, args.max_new_tokens)
+    return random_model_demo(parser, args)
 
+
+def random_model_demo(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    """A random-weight model, built and cached on the spot, answers (noise) about the shipped demo image."""
+    question = args.question if args.question is not None else QUESTION
     load_start = time.perf_counter()
     folder = args.output or default_folder(args.hd)
     if args.output is not None and folder.exists() and any(folder.iterdir()) and not is_checkpoint(folder):
@@ -164,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     with Image.open(DEMO_IMAGE) as image:
         image = image.convert("RGB")
     messages = [
-        {"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": args.question}]}
+        {"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": question}]}
     ]
 
     # Byte-fallback pieces are kept out of the answer too, and repeats are damped, so that the noise reads as words.
@@ -181,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
 
     mode = "TokenPacker-HD ('slice')" if args.hd else "TokenPacker ('pad', LLaVA-1.5 layout)"
     print(f"Mode: {mode}, image {image.width}x{image.height} ({DEMO_IMAGE})")
-    print(f"Question: {args.question}")
+    print(f"Question: {question}")
     print(f"Answer: {answer}")
     print(f"Visual tokens: {visual_token_summary(processor, image)}")
     print(f"Time: {answer_seconds:.1f} s to answer, {load_seconds:.1f} s to build or load the model")

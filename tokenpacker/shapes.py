@@ -1,11 +1,12 @@
 """Tiny shapes: a synthetic visual question-answering task that needs fine detail, for the demo's small model.
 
-Each 336x336 scene holds one small shape (20 to 36 pixels across: about one 28-pixel patch of the tiny model's
-tower) on a light grey background. Three questions ask for its colour (6), where it is in a 3x3 grid (9) and its kind
-(circle, square or triangle: the fine detail). Every scene comes from its own seed ("train-17", "test-3"), so the
+Each 336x336 scene holds one small shape (a circle, square or triangle 20 to 36 pixels across: about one 28-pixel
+patch of the tiny model's tower, under 1% of the image) on a light grey background. Two questions ask for its colour
+(one of 6) and where it is in a 3x3 grid (one of 9): the answer lies in a few patches that the projector packs, with
+the 15 or so around them, into one of 9 tokens. Every scene comes from its own seed ("train-17", "test-3"), so the
 data are the same on every machine and the held-out scenes never appear in training.
 
-    python -m tokenpacker.shapes data --output_dir runs/shapes --num_train 12000 --num_test 600
+    python -m tokenpacker.shapes data --output_dir runs/shapes --num_train 16000 --num_test 600
 """
 
 import argparse
@@ -24,6 +25,7 @@ from .processing.processing_tokenpacker import VICUNA_V1_SYSTEM_PROMPT
 IMAGE_SIZE = 336
 GRID = 3
 BACKGROUND = (224, 224, 224)
+SHAPE_SIZES = (20, 36)  # pixels across
 COLOURS = {
     "red": (220, 50, 47),
     "green": (50, 160, 60),
@@ -34,7 +36,7 @@ COLOURS = {
 }
 KINDS = ("circle", "square", "triangle")
 POSITIONS = (("top left", "top", "top right"), ("left", "centre", "right"), ("bottom left", "bottom", "bottom right"))
-QUESTIONS = {"colour": "What colour is the shape?", "position": "Where is the shape?", "kind": "What shape is it?"}
+QUESTIONS = {"colour": "What colour is the shape?", "position": "Where is the shape?"}
 SPLITS = ("train", "test")
 
 
@@ -46,7 +48,7 @@ class Scene:
     kind: str
 
     def questions(self) -> list[tuple[str, str]]:
-        """The three questions, with this scene's answers."""
+        """The questions, with this scene's answers."""
         return [(question, getattr(self, attribute)) for attribute, question in QUESTIONS.items()]
 
 
@@ -59,7 +61,7 @@ def render_scene(split: str, index: int) -> Scene:
     rng = random.Random(f"{split}-{index}")
     kind, colour = rng.choice(KINDS), rng.choice(sorted(COLOURS))
     row, column = rng.randrange(GRID), rng.randrange(GRID)
-    size = rng.randint(20, 36)
+    size = rng.randint(*SHAPE_SIZES)
     cell = IMAGE_SIZE // GRID
     left = column * cell + rng.randint(8, cell - size - 8)
     top = row * cell + rng.randint(8, cell - size - 8)
@@ -86,8 +88,8 @@ def conversation(question_answers: list[tuple[str, str]]) -> list[dict]:
 
 
 def write_dataset(output_dir: str | Path, num_train: int, num_test: int) -> Path:
-    """Writes `images/`, `train.json` (the three questions of each scene, in a random order) and `test.json` (one
-    question per scene, in turn colour, position, kind)."""
+    """Writes `images/`, `train.json` (the questions of each scene, in a random order) and `test.json` (one question
+    per scene, colour and position in turn)."""
     output_dir = Path(output_dir)
     (output_dir / "images").mkdir(parents=True, exist_ok=True)
     for split, count in (("train", num_train), ("test", num_test)):
@@ -140,6 +142,7 @@ def write_base_models(output_dir: str | Path) -> Path:
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         tie_word_embeddings=True,
+        initializer_range=0.08,  # Llama's 0.02 is for wide models: at width 128 the image is put to use much later
     )
     LlamaForCausalLM(text_config).save_pretrained(output_dir / "text")
     vision_config = CLIPVisionConfig(
@@ -183,7 +186,7 @@ def main(argv: list[str] | None = None):
     commands = parser.add_subparsers(dest="command", required=True)
     data = commands.add_parser("data", help="write the train and test sets")
     data.add_argument("--output_dir", required=True)
-    data.add_argument("--num_train", type=int, default=12000)
+    data.add_argument("--num_train", type=int, default=16000)
     data.add_argument("--num_test", type=int, default=600)
     base = commands.add_parser("base", help="write the random tower and language model that training starts from")
     base.add_argument("--output_dir", required=True)

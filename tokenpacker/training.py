@@ -13,6 +13,7 @@ several GPUs or machines the same command runs under `accelerate launch --config
 """
 
 import json
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,14 +22,16 @@ import torch
 from PIL import Image
 from torch import nn
 from torch.utils.data import Dataset
-from transformers import AutoTokenizer, HfArgumentParser, PreTrainedModel, Trainer, TrainingArguments
+from transformers import HfArgumentParser, PreTrainedModel, Trainer, TrainingArguments, set_seed
 from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.utils import IMAGE_PROCESSOR_NAME, cached_file
 
 from .modeling import TokenPackerForConditionalGeneration
+from .modeling.modeling_tokenpacker import language_model_tokenizer
 from .processing import TokenPackerProcessor
 
 IGNORE_INDEX = -100
+CONVERSATION_FORMATS = ("vicuna_v1", "plain")
 ROLES = {"human": "user", "gpt": "assistant"}
 
 
@@ -97,11 +100,49 @@ class DataArguments:
     image_folder: str | None = field(
         default=None, metadata={"help": "Folder the image paths are relative to (default: the JSON file's folder)."}
     )
+    conversation_format: str = field(
+        default="vicuna_v1",
+        metadata={
+            "help": "'vicuna_v1': the processor's chat, loss on the answers (the original's stage 2, --version v1); "
+            "'plain': image, caption and newline, loss on the caption (its stage 1, --version plain)."
+        },
+    )
 
 
 @dataclass
 class TokenPackerTrainingArguments(TrainingArguments):
     remove_unused_columns: bool = field(default=False, metadata={"help": "Keep pixel_values for the model."})
+    projector_lr: float | None = field(
+        default=None, metadata={"help": "Learning rate of the projector (default: --learning_rate)."}
+    )
+    vision_tower_lr: float | None = field(
+        default=None, metadata={"help": "Learning rate of a trained vision tower (default: --learning_rate)."}
+    )
+
+
+class TokenPackerTrainer(Trainer):
+    """A Trainer whose optimizer can give the projector and the vision tower learning rates of their own."""
+
+    def create_optimizer(self, model=None):
+        optimizer = super().create_optimizer(model)
+        rates = {"multi_modal_projector": self.args.projector_lr, "vision_tower": self.args.vision_tower_lr}
+        rate_of = {
+            id(parameter): rate
+            for name, parameter in (self.model if model is None else model).named_parameters()
+            for module, rate in rates.items()
+            if rate is not None and f"{module}." in name
+        }
+        if rate_of:
+            groups = []
+            for group in optimizer.param_groups:
+                own_rates = {rate_of.get(id(p), group["lr"]) for p in group["params"]}
+                for rate in sorted(own_rates, key=lambda rate: rate != group["lr"]):  # the base rate first, as logged
+                    params = [p for p in group["params"] if rate_of.get(id(p), group["lr"]) == rate]
+                    groups.append({**group, "params": params, "lr": rate})
+            optimizer.param_groups = []
+            for group in groups:
+                optimizer.add_param_group(group)
+        return optimizer
 
 
 def chat_messages(turns: list[dict], num_images: int, image_token: str) -> list[dict]:
@@ -126,46 +167,70 @@ def chat_messages(turns: list[dict], num_images: int, image_token: str) -> list[
     return messages
 
 
+def text_after_last_image(processor, text: str) -> list[int]:
+    """The ids of the text after the prompt's last image: the processor tokenizes that chunk on its own."""
+    return processor.tokenizer(text.rpartition(processor.image_token)[2], add_special_tokens=False)["input_ids"]
+
+
+def encode_with_tail(processor, text: str, images: list[Image.Image]) -> tuple[dict, list[int], int]:
+    """The processor's inputs for `text`, the ids of its text after the last image, and where those ids start."""
+    encoded = processor(images=images or None, text=text, padding=False, return_tensors="pt")
+    input_ids = encoded["input_ids"][0]
+    tail = text_after_last_image(processor, text)
+    start = len(input_ids) - len(tail)
+    if input_ids[start:].tolist() != tail:
+        raise ValueError("The processor's ids do not end with the tokenized text after the last image")
+    return encoded, tail, start
+
+
+def as_sample(encoded, labels: torch.Tensor) -> dict:
+    sample = {"input_ids": encoded["input_ids"][0], "labels": labels}
+    if "pixel_values" in encoded:
+        sample["pixel_values"] = encoded["pixel_values"]
+    return sample
+
+
 def encode_conversation(processor, messages: list[dict], images: list[Image.Image]) -> dict:
     """input_ids, labels (the answers and their end tokens; -100 elsewhere) and pixel_values of one conversation.
 
     The processor tokenizes the text after the last image on its own, so the answers' bounds come from tokenizing
     the prefixes of that text: the prompt up to "ASSISTANT:" and the conversation up to the end of each answer.
     """
-    tokenizer, image_token = processor.tokenizer, processor.image_token
     full_text = processor.apply_chat_template(messages, tokenize=False)
-    encoded = processor(images=images or None, text=full_text, padding=False, return_tensors="pt")
+    encoded, tail, start = encode_with_tail(processor, full_text, images)
     input_ids = encoded["input_ids"][0]
-
-    def text_ids(text: str) -> list[int]:  # ids of the text after the last image
-        return tokenizer(text.rpartition(image_token)[2], add_special_tokens=False)["input_ids"]
-
-    tail = text_ids(full_text)
-    start = len(input_ids) - len(tail)
-    if input_ids[start:].tolist() != tail:
-        raise ValueError("The processor's ids do not end with the tokenized text after the last image")
     labels = torch.full_like(input_ids, IGNORE_INDEX)
     for number, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        prompt = text_ids(processor.apply_chat_template(messages[:number], tokenize=False, add_generation_prompt=True))
-        answered = text_ids(processor.apply_chat_template(messages[: number + 1], tokenize=False))
+        prompt = processor.apply_chat_template(messages[:number], tokenize=False, add_generation_prompt=True)
+        answered = processor.apply_chat_template(messages[: number + 1], tokenize=False)
+        prompt, answered = text_after_last_image(processor, prompt), text_after_last_image(processor, answered)
         if tail[: len(prompt)] != prompt or tail[: len(answered)] != answered:
             raise ValueError(
                 f"Answer {number // 2} does not start or end on a token boundary of the conversation; "
                 f"conversation: {full_text!r}"
             )
         labels[start + len(prompt) : start + len(answered)] = input_ids[start + len(prompt) : start + len(answered)]
-    sample = {"input_ids": input_ids, "labels": labels}
-    if "pixel_values" in encoded:
-        sample["pixel_values"] = encoded["pixel_values"]
-    return sample
+    return as_sample(encoded, labels)
+
+
+def encode_caption(processor, caption: str, images: list[Image.Image]) -> dict:
+    """The original's stage-1 "plain" format: the image, the caption and "\\n", with the loss on the caption and "\\n"."""
+    encoded, _, start = encode_with_tail(processor, processor.image_token * len(images) + caption + "\n", images)
+    labels = torch.full_like(encoded["input_ids"][0], IGNORE_INDEX)
+    labels[start:] = encoded["input_ids"][0][start:]
+    return as_sample(encoded, labels)
 
 
 class ConversationDataset(Dataset):
     """LLaVA-style conversations, each encoded by the processor when it is read."""
 
-    def __init__(self, data_path: str | Path, processor, image_folder: str | Path | None = None):
+    def __init__(
+        self, data_path: str | Path, processor, image_folder: str | Path | None = None, conversation_format: str = "vicuna_v1"
+    ):
+        if conversation_format not in CONVERSATION_FORMATS:
+            raise ValueError(f"conversation_format must be one of {CONVERSATION_FORMATS}, got {conversation_format!r}")
         data_path = Path(data_path)
         records = json.loads(data_path.read_text())
         if not isinstance(records, list) or not records:
@@ -177,6 +242,7 @@ class ConversationDataset(Dataset):
                 raise ValueError(f"Record {index} of {data_path}: 'image' must be a path, got {record['image']!r}")
         self.records = records
         self.processor = processor
+        self.conversation_format = conversation_format
         self.image_folder = Path(image_folder) if image_folder is not None else data_path.parent
 
     def __len__(self) -> int:
@@ -186,7 +252,11 @@ class ConversationDataset(Dataset):
         record = self.records[index]
         images = [Image.open(self.image_folder / record["image"]).convert("RGB")] if "image" in record else []
         messages = chat_messages(record["conversations"], len(images), self.processor.image_token)
-        return encode_conversation(self.processor, messages, images)
+        if self.conversation_format == "vicuna_v1":
+            return encode_conversation(self.processor, messages, images)
+        if len(messages) != 2 or not images:
+            raise ValueError(f"The plain format takes an image and one question/caption pair; record {index} has not")
+        return encode_caption(self.processor, messages[1]["content"], images)
 
 
 @dataclass
@@ -250,10 +320,7 @@ def build_model_and_processor(
     The image processor normalizes with the vision tower's own mean and standard deviation when its folder has an
     image processor configuration, and with CLIP's otherwise.
     """
-    if tokenizer is None:
-        if isinstance(text_model_or_path, PreTrainedModel):
-            raise ValueError("Pass the language model's tokenizer: text_model_or_path is a model object, not a folder")
-        tokenizer = AutoTokenizer.from_pretrained(text_model_or_path)
+    tokenizer = language_model_tokenizer(text_model_or_path, tokenizer)
     model = TokenPackerForConditionalGeneration.from_vision_and_text(
         vision_model_or_path, text_model_or_path, tokenizer=tokenizer, **config_settings
     )
@@ -295,15 +362,18 @@ def make_trainer(
     training_args: TokenPackerTrainingArguments,
 ) -> Trainer:
     """Freezes what the stage keeps fixed, adds LoRA if asked, and wires the data into a Trainer."""
-    if model_args.lora_enable and (training_args.fsdp or is_deepspeed_zero3_enabled()):
+    fsdp = training_args.fsdp or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true")
+    if model_args.lora_enable and (fsdp or is_deepspeed_zero3_enabled()):
         raise ValueError("--lora_enable merges the adapters into full weights at the end: use DDP or DeepSpeed ZeRO-2")
     set_trainable(model, model_args.stage, model_args.train_vision_tower)
     if model_args.lora_enable:
         model = add_lora(model, model_args)
-    return Trainer(
+    return TokenPackerTrainer(
         model=model,
         args=training_args,
-        train_dataset=ConversationDataset(data_args.data_path, processor, data_args.image_folder),
+        train_dataset=ConversationDataset(
+            data_args.data_path, processor, data_args.image_folder, data_args.conversation_format
+        ),
         data_collator=ConversationCollator(processor.tokenizer.pad_token_id),
         processing_class=processor,
     )
@@ -311,6 +381,7 @@ def make_trainer(
 
 def train(model_args: ModelArguments, data_args: DataArguments, training_args: TokenPackerTrainingArguments) -> Trainer:
     """Builds or loads the model, trains it and saves it in `output_dir`; returns the Trainer."""
+    set_seed(training_args.seed)  # a new model's projector and new embeddings start from --seed too
     model, processor = load_model_and_processor(model_args)
     trainer = make_trainer(model, processor, model_args, data_args, training_args)
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
