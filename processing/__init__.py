@@ -1,0 +1,3 @@
+from .image_processing_tokenpacker import TokenPackerImageProcessor
+
+__all__ = ["TokenPackerImageProcessor"]
