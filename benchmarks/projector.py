@@ -6,7 +6,8 @@ keys gathered by reshapes and permutes into (s*s, regions*crops, width), one `nn
 default arguments. Both sides hold the same weights and get the same inputs; each round times both, one after the
 other (the order alternates), so that both see the same machine load. Times are medians over the rounds, the
 speed-up is the median of the rounds' ratios. Differences are max abs differences of the outputs; the float64 columns
-are each side's max abs distance to the original formulation run in float64 on the same (rounded) weights and inputs.
+are each side's max abs distance, on the first crop, to the original formulation run in float64 on the same (rounded)
+weights and inputs.
 
     .venv/bin/python benchmarks/projector.py [--rounds 7] [--threads 2]
 """
@@ -133,11 +134,11 @@ def main():
                 x = torch.randn(crops, GRID * GRID, VISION).to(dtype)
                 x_multi = torch.randn(crops, GRID * GRID, VISION * LEVELS).to(dtype)
                 with torch.inference_mode():
-                    expected = exact(x.double(), x_multi.double())
+                    expected = exact(x[:1].double(), x_multi[:1].double())  # crops are independent
                     original_out, ours_out = original(x, x_multi), ours(x, x_multi)
                     difference = (ours_out - original_out).abs().max().item()
-                    original_error = (original_out.double() - expected).abs().max().item()
-                    ours_error = (ours_out.double() - expected).abs().max().item()
+                    original_error = (original_out[:1].double() - expected).abs().max().item()
+                    ours_error = (ours_out[:1].double() - expected).abs().max().item()
                     original_s, ours_s, speedup = measure(original, ours, (x, x_multi), args.rounds)
                 tokens = (GRID // scale_factor) ** 2
                 print(
