@@ -226,7 +226,9 @@ class TokenPackerModel(TokenPackerPreTrainedModel):
         """(crops, 3, H, W) pixel values -> (crops, tokens per crop, text hidden) language-model inputs."""
         query_layer, levels = self.config.feature_layer_indices
         pixel_values = pixel_values.to(self.vision_tower.dtype)
-        hidden_states = self.vision_tower(pixel_values, output_hidden_states=True, return_dict=True).hidden_states
+        # Only the hidden states the projector reads are kept (the others come back as None).
+        kept = [query_layer, *levels]
+        hidden_states = self.vision_tower(pixel_values, output_hidden_states=kept, return_dict=True).hidden_states
         patch_features = hidden_states[query_layer][:, 1:]  # CLS dropped
         multi_level_features = torch.cat([hidden_states[layer][:, 1:] for layer in levels], dim=-1)
         return self.multi_modal_projector(patch_features, multi_level_features)
