@@ -227,8 +227,8 @@ def main():
 
     baseline = records[names[0]]
     print("| model | image tokens | sequence | image features (ms) | prefill (ms) | decode (tokens/s) "
-          "| KV cache after prefill (MiB) | peak memory above weights (MiB) | prefill time / LLaVA | decode tokens/s / LLaVA | KV cache / LLaVA "
-          "| peak memory / LLaVA |")
+          "| KV cache after prefill (MiB) | peak memory above weights (MiB) | prefill time / LLaVA "
+          "| decode tokens/s / LLaVA | KV cache / LLaVA | peak memory / LLaVA |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name in names:
         record = records[name]

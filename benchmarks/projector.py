@@ -7,7 +7,8 @@ default arguments. Both sides hold the same weights and get the same inputs; eac
 other (the order alternates), so that both see the same machine load. Times are medians over the rounds, the
 speed-up is the median of the rounds' ratios. Differences are max abs differences of the outputs; the float64 columns
 are each side's max abs distance, on the first crop, to the original formulation run in float64 on the same (rounded)
-weights and inputs.
+weights and inputs. The last column is the ratio of the two sides' matrix-product FLOPs (torch's FlopCounterMode): the
+speed-up to expect where the time goes into matrix products.
 
     .venv/bin/python benchmarks/projector.py [--rounds 7] [--threads 2]
 """
@@ -22,6 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -102,6 +104,18 @@ def measure(original, ours, inputs, rounds):
     return statistics.median(original_times), statistics.median(ours_times), statistics.median(speedups)
 
 
+def flop_ratio(original, ours) -> float:
+    """Matrix-product FLOPs of the original over ours, for one crop (both grow linearly with the crops)."""
+    inputs = torch.randn(1, GRID * GRID, VISION), torch.randn(1, GRID * GRID, VISION * LEVELS)
+    counts = []
+    for module in (original, ours):
+        parameter = next(module.parameters())
+        with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+            module(*(tensor.to(parameter.dtype) for tensor in inputs))
+        counts.append(counter.get_total_flops())
+    return counts[0] / counts[1]
+
+
 def check_against_loop_reference():
     """The vectorized original formulation gives the loop reference's outputs (tests/reference.py)."""
     original = randomize(VectorizedOriginalTokenPacker(scale_factor=2), 0).eval()
@@ -122,14 +136,16 @@ def main():
     torch.manual_seed(0)
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU")
-    print(f"vectorized original vs tests/reference.py loop formulation: max abs diff {check_against_loop_reference():.1e}\n")
+    loop_difference = check_against_loop_reference()
+    print(f"vectorized original vs tests/reference.py loop formulation: max abs diff {loop_difference:.1e}\n")
     print("| dtype | s (tokens) | crops | original (ms) | TokenPackerProjector (ms) | speed-up | max abs diff "
-          "| float64 error: original | float64 error: ours | max abs output |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "| float64 error: original | float64 error: ours | max abs output | FLOPs original / ours |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for dtype in (torch.float32, torch.bfloat16):
         for scale_factor in args.scale_factors:
             original, ours = build_pair(scale_factor, dtype)
             exact = copy.deepcopy(original).double()  # the same (rounded) weights in float64
+            flops = flop_ratio(original, ours)
             for crops in args.batches:
                 x = torch.randn(crops, GRID * GRID, VISION).to(dtype)
                 x_multi = torch.randn(crops, GRID * GRID, VISION * LEVELS).to(dtype)
@@ -144,7 +160,7 @@ def main():
                 print(
                     f"| {str(dtype).removeprefix('torch.')} | {scale_factor} ({tokens}) | {crops} | "
                     f"{original_s * 1e3:.1f} | {ours_s * 1e3:.1f} | {speedup:.2f}x | {difference:.1e} | "
-                    f"{original_error:.1e} | {ours_error:.1e} | {expected.abs().max().item():.2f} |",
+                    f"{original_error:.1e} | {ours_error:.1e} | {expected.abs().max().item():.2f} | {flops:.2f} |",
                     flush=True,
                 )
 
