@@ -16,6 +16,7 @@ tokens in bfloat16. Rows:
 """
 
 import argparse
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -236,7 +237,7 @@ def main():
     print_tables(results)
     if not args.no_plot:
         plot(results, args.plot)
-        print(f"\nplot: {args.plot}")
+        print(f"\nplot: {os.path.relpath(args.plot)}")
 
 
 if __name__ == "__main__":

@@ -3,14 +3,16 @@
 Real size: CLIP ViT-L features (1024 channels, four levels -> 4096), projector width 1024, 8 heads, LLM width 4096,
 the 24x24 patch grid. The original formulation is the original repository's: sequence-first tensors, every region's
 keys gathered by reshapes and permutes into (s*s, regions*crops, width), one `nn.MultiheadAttention` call with its
-default arguments. Both sides hold the same weights and get the same inputs; each round times both, one after the
-other (the order alternates), so that both see the same machine load. Times are medians over the rounds, the
-speed-up is the median of the rounds' ratios. Differences are max abs differences of the outputs; the float64 columns
-are each side's max abs distance, on the first crop, to the original formulation run in float64 on the same (rounded)
-weights and inputs. The last column is the ratio of the two sides' matrix-product FLOPs (torch's FlopCounterMode): the
-speed-up to expect where the time goes into matrix products.
+default arguments. Both sides hold the same weights and get the same inputs. A third side is this package's previous
+formulation (every key and value projected, then scaled-dot-product attention), on the same parameters. Each round
+times all three, one after the other in a rotating order, so that all see the same machine load. Times are medians
+over the rounds, speed-ups (over the original) are medians of the rounds' ratios. Differences are max abs differences
+of the outputs of the original and TokenPackerProjector; the float64 columns are each one's max abs distance, on the
+first crop, to the original formulation run in float64 on the same (rounded) weights and inputs. The last column is
+the ratio of their matrix-product FLOPs (torch's FlopCounterMode): the speed-up to expect where the time goes into
+matrix products.
 
-    .venv/bin/python benchmarks/projector.py [--rounds 7] [--threads 2]
+    .venv/bin/python benchmarks/projector.py [--rounds 7] [--threads 2]   # one crop: 3 x rounds
 """
 
 import argparse
@@ -88,20 +90,35 @@ def timed(function) -> float:
     return time.perf_counter() - start
 
 
-def measure(original, ours, inputs, rounds):
-    """Median seconds of each side and the median of the rounds' speed-ups (original / ours)."""
-    original_fn, ours_fn = (lambda: original(*inputs)), (lambda: ours(*inputs))
-    original_fn(), ours_fn()  # warm-up
-    original_times, ours_times = [], []
+def per_key_projection_forward(projector: TokenPackerProjector, patch_features, multi_level_features):
+    """This package's projector before its attention went through the query (commit ab306ec): every key and value of
+    every region projected, then one scaled-dot-product attention call. Same parameters."""
+    attention, crops = projector.attention, patch_features.shape[0]
+    queries = projector.query_norm(projector.query_proj(projector.coarse_queries(patch_features)))
+    keys = projector.regions(projector.key_norm(projector.key_proj(multi_level_features)))
+    values = projector.regions(projector.value_norm(projector.value_proj(multi_level_features)))
+    regions, size, width = keys.shape
+    heads, head_dim = attention.num_heads, attention.head_dim
+    query = attention.q_proj(queries.reshape(regions, 1, width)).view(regions, 1, heads, head_dim).transpose(1, 2)
+    key = F.linear(keys, attention.k_proj.weight, attention.k_proj.bias).view(regions, size, heads, head_dim)
+    value = F.linear(values, attention.v_proj.weight, attention.v_proj.bias).view(regions, size, heads, head_dim)
+    attended = F.scaled_dot_product_attention(query, key.transpose(1, 2), value.transpose(1, 2))
+    packed = attention.out_proj(attended.reshape(regions, width))
+    return projector.output_proj(packed.view(crops, -1, width))
+
+
+def measure(functions, rounds):
+    """Median seconds of each function and the median of the rounds' speed-ups of each over the first."""
+    for function in functions:  # warm-up
+        function()
+    times = [[] for _ in functions]
     for round_index in range(rounds):
-        if round_index % 2:
-            ours_times.append(timed(ours_fn))
-            original_times.append(timed(original_fn))
-        else:
-            original_times.append(timed(original_fn))
-            ours_times.append(timed(ours_fn))
-    speedups = [a / b for a, b in zip(original_times, ours_times)]
-    return statistics.median(original_times), statistics.median(ours_times), statistics.median(speedups)
+        shift = round_index % len(functions)  # rotating order: every side sees the same machine load
+        for index in [*range(shift, len(functions)), *range(shift)]:
+            times[index].append(timed(functions[index]))
+    medians = [statistics.median(side) for side in times]
+    speedups = [statistics.median(a / b for a, b in zip(times[0], side)) for side in times]
+    return medians, speedups
 
 
 def flop_ratio(original, ours) -> float:
@@ -127,7 +144,7 @@ def check_against_loop_reference():
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=7, help="timed rounds per setting (after one warm-up)")
+    parser.add_argument("--rounds", type=int, default=7, help="timed rounds per setting (3x that for one crop)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8], help="crops per call")
     parser.add_argument("--scale-factors", type=int, nargs="+", default=[2, 3, 4])
@@ -138,9 +155,10 @@ def main():
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU")
     loop_difference = check_against_loop_reference()
     print(f"vectorized original vs tests/reference.py loop formulation: max abs diff {loop_difference:.1e}\n")
-    print("| dtype | s (tokens) | crops | original (ms) | TokenPackerProjector (ms) | speed-up | max abs diff "
-          "| float64 error: original | float64 error: ours | max abs output | FLOPs original / ours |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| dtype | s (tokens) | crops | original (ms) | TokenPackerProjector (ms) | speed-up "
+          "| per-key projections (ms) | its speed-up | max abs diff | float64 error: original | float64 error: ours | max abs output "
+          "| FLOPs original / ours |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for dtype in (torch.float32, torch.bfloat16):
         for scale_factor in args.scale_factors:
             original, ours = build_pair(scale_factor, dtype)
@@ -155,11 +173,18 @@ def main():
                     difference = (ours_out - original_out).abs().max().item()
                     original_error = (original_out[:1].double() - expected).abs().max().item()
                     ours_error = (ours_out[:1].double() - expected).abs().max().item()
-                    original_s, ours_s, speedup = measure(original, ours, (x, x_multi), args.rounds)
+                    rounds = args.rounds * (3 if crops == 1 else 1)
+                    functions = (
+                        lambda: original(x, x_multi),
+                        lambda: ours(x, x_multi),
+                        lambda: per_key_projection_forward(ours, x, x_multi),
+                    )
+                    (original_s, ours_s, previous_s), (_, speedup, previous_speedup) = measure(functions, rounds)
                 tokens = (GRID // scale_factor) ** 2
                 print(
                     f"| {str(dtype).removeprefix('torch.')} | {scale_factor} ({tokens}) | {crops} | "
-                    f"{original_s * 1e3:.1f} | {ours_s * 1e3:.1f} | {speedup:.2f}x | {difference:.1e} | "
+                    f"{original_s * 1e3:.1f} | {ours_s * 1e3:.1f} | {speedup:.2f}x | {previous_s * 1e3:.1f} | "
+                    f"{previous_speedup:.2f}x | {difference:.1e} | "
                     f"{original_error:.1e} | {ours_error:.1e} | {expected.abs().max().item():.2f} | {flops:.2f} |",
                     flush=True,
                 )
