@@ -38,7 +38,7 @@ LANGUAGE_MODELS = {  # Vicuna v1.5, plus the `<image>` token
     "13B": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40),
 }
 TEXT_DEFAULTS = dict(model_type="llama", vocab_size=32001, max_position_embeddings=4096, rms_norm_eps=1e-5)
-PAPER_TPS = {"LLaVA-1.5": 4.9, "TokenPacker 144": 24.9, "TokenPacker 64": 27.1}  # TOKENPACKER.md section 5
+PAPER_TPS = {"LLaVA-1.5": 4.9, "TokenPacker 144": 24.9, "TokenPacker 64": 27.1}  # the paper, LLaVA-1.5 7B
 
 
 @dataclass
@@ -179,7 +179,7 @@ def print_tables(results: dict[str, tuple[list[Row], dict]]):
 
     rows = {row.name: row for row in results["7B"][0]}
     baseline = rows["LLaVA-1.5"]
-    print("\nNext to the paper's throughput (7B, tokens/s on one A100, TOKENPACKER.md section 5)\n")
+    print("\nNext to the paper's throughput (7B, tokens/s on one A100)\n")
     print("| input | image tokens | paper TPS | paper TPS / LLaVA-1.5 | LLaVA-1.5 / this FLOPs per image "
           "| LLaVA-1.5 / this LLM prefill FLOPs | LLaVA-1.5 / this KV cache |")
     print("|---|---|---|---|---|---|---|")

@@ -156,8 +156,8 @@ def main():
     loop_difference = check_against_loop_reference()
     print(f"vectorized original vs tests/reference.py loop formulation: max abs diff {loop_difference:.1e}\n")
     print("| dtype | s (tokens) | crops | original (ms) | TokenPackerProjector (ms) | speed-up "
-          "| per-key projections (ms) | its speed-up | max abs diff | float64 error: original | float64 error: ours | max abs output "
-          "| FLOPs original / ours |")
+          "| per-key projections (ms) | its speed-up | max abs diff | float64 error: original | float64 error: ours "
+          "| max abs output | FLOPs original / ours |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for dtype in (torch.float32, torch.bfloat16):
         for scale_factor in args.scale_factors:
