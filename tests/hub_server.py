@@ -632,6 +632,7 @@ def point_huggingface_hub_at(monkeypatch, endpoint: str, home) -> None:
         "HF_HUB_CACHE": str(home / "hub"),
         "HF_TOKEN_PATH": str(home / "token"),
         "HF_STORED_TOKENS_PATH": str(home / "stored_tokens"),
+        "AGENT_HARNESSES_PATH": str(home / ".agent_harnesses.json"),
     }
     for name, value in settings.items():
         monkeypatch.setattr(constants, name, value)

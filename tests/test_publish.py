@@ -12,11 +12,13 @@ import torch
 from huggingface_hub import HfApi, constants, snapshot_download
 from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
 from safetensors.torch import load_file, save_file
+from transformers import CLIPImageProcessorPil
 
-from tokenpacker import TokenPackerForConditionalGeneration
+from tokenpacker import TokenPackerForConditionalGeneration, TokenPackerProcessor
+from tokenpacker.conversion import fast_tokenizer_from_sentencepiece
 from tokenpacker.conversion.publish import main, publish_folder
 
-from .builders import IMAGE_TOKEN_ID, tiny_config
+from .builders import IMAGE_TOKEN_ID, tiny_config, train_sentencepiece
 from .hub_server import HubServer, hub_environment, point_huggingface_hub_at
 
 TOKEN = "hf_alice_write_token"
@@ -158,15 +160,35 @@ def test_an_interrupted_upload_finishes_without_sending_objects_again(hub, tiny_
     assert len(hub.repos["alice/sharded"].commits) == commits  # unchanged files make no empty commit
 
 
-def test_push_to_hub_gives_the_save_pretrained_folder(hub, tiny_model, tmp_path):
-    tiny_model.push_to_hub("alice/pushed", token=TOKEN)
-    tiny_model.save_pretrained(tmp_path / "saved")
-
-    expected = folder_bytes(tmp_path / "saved")
-    downloaded = folder_bytes(Path(snapshot_download("alice/pushed", cache_dir=tmp_path / "download")))
+def assert_repository_holds_saved_folder(hub, repo_id: str, saved: Path, download: Path) -> None:
+    """The repository holds every saved file byte for byte, plus the generated model card, in one commit."""
+    expected = folder_bytes(saved)
+    downloaded = folder_bytes(Path(snapshot_download(repo_id, cache_dir=download)))
     assert set(downloaded) == set(expected) | {"README.md", ".gitattributes"}
     assert all(downloaded[name] == content for name, content in expected.items())
-    assert len(hub.repos["alice/pushed"].commits) == 2
+    assert len(hub.repos[repo_id].commits) == 2
+
+
+def test_model_push_to_hub_gives_the_save_pretrained_folder(hub, tiny_model, tmp_path):
+    tiny_model.push_to_hub("alice/pushed-model", token=TOKEN)
+    tiny_model.save_pretrained(tmp_path / "saved")
+
+    assert_repository_holds_saved_folder(hub, "alice/pushed-model", tmp_path / "saved", tmp_path / "download")
+
+
+def test_processor_push_to_hub_gives_the_save_pretrained_folder(hub, tmp_path):
+    tokenizer = fast_tokenizer_from_sentencepiece(train_sentencepiece(tmp_path / "tokenizer.model"))
+    image_processor = CLIPImageProcessorPil()  # stands in for the TokenPacker image processor: only files are compared
+    processor = TokenPackerProcessor(image_processor, tokenizer, num_image_tokens=36, slice_separator_token_id=7)
+    processor.push_to_hub("alice/pushed-processor", token=TOKEN)
+    processor.save_pretrained(tmp_path / "saved")
+
+    assert_repository_holds_saved_folder(hub, "alice/pushed-processor", tmp_path / "saved", tmp_path / "download")
+    loaded = TokenPackerProcessor.from_pretrained("alice/pushed-processor", token=TOKEN)
+    prompt = "USER: what colour is the square? ASSISTANT:"
+    assert loaded.tokenizer(prompt).input_ids == tokenizer(prompt).input_ids
+    assert (loaded.num_image_tokens, loaded.slice_separator_token_id, loaded.image_token_id) == (36, 7, 400)
+    assert loaded.chat_template == processor.chat_template
 
 
 def test_dry_run_lists_files_and_sizes_and_sends_nothing(hub, checkpoint, capsys):
