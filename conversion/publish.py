@@ -156,7 +156,7 @@ def check_model_card(folder: Path) -> ModelCard:
     try:
         card = ModelCard.load(card_path)
     except (ValueError, yaml.YAMLError) as err:
-        raise ValueError(f"the metadata block of {card_path} is not valid YAML mapping: {err}") from err
+        raise ValueError(f"the metadata block of {card_path} is not a valid YAML mapping: {err}") from err
     metadata = card.data
     problems = [f"{field} is missing" for field in ("license", "library_name") if not getattr(metadata, field)]
     if metadata.pipeline_tag != PIPELINE_TAG:
@@ -183,12 +183,11 @@ def check_checkpoint_folder(folder: str | Path) -> list[FileToUpload]:
     return files
 
 
-def check_repo_id(repo_id: str) -> str:
+def check_repo_id(repo_id: str) -> None:
     try:
         validate_repo_id(repo_id)
     except HFValidationError as err:
         raise ValueError(f"invalid repository name {repo_id!r}: {err}") from err
-    return repo_id
 
 
 @contextmanager
@@ -232,8 +231,8 @@ def publish_folder(
 ) -> PublishResult:
     """Uploads a TokenPacker checkpoint folder to `repo_id` in one commit, creating the repository (and the branch
     `revision`) when needed. The token defaults to HF_TOKEN or the saved login. `dry_run` checks and lists only."""
-    files = check_checkpoint_folder(folder)
     check_repo_id(repo_id)
+    files = check_checkpoint_folder(folder)
     branch = revision or "main"
     if dry_run:
         return PublishResult(repo_id, branch, files, commit=None)

@@ -155,7 +155,7 @@ class HubServer:
     def clear_failures(self) -> None:
         self._failures.clear()
 
-    def hold_lfs_uploads(self, admitted: int | None) -> None:
+    def hold_lfs_uploads(self, admitted: int) -> None:
         """Store only the next `admitted` LFS uploads; hold later ones unanswered until `release_held_uploads`."""
         self._upload_quota = admitted
         self._release.clear()

@@ -253,6 +253,10 @@ def corrupt(folder: Path, problem: str) -> None:
     config_path, weights_path = folder / "config.json", folder / "model.safetensors"
     if problem == "no config":
         config_path.unlink()
+    elif problem == "config not JSON":
+        config_path.write_text("{")
+    elif problem == "config not loadable":
+        config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "projector_num_heads": 3}))
     elif problem == "other model type":
         config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "model_type": "llava"}))
     elif problem == "pickle":
@@ -271,6 +275,8 @@ def corrupt(folder: Path, problem: str) -> None:
         (folder / "README.md").unlink()
     elif problem == "card without license":
         (folder / "README.md").write_text(CARD.replace("license: apache-2.0\n", ""))
+    elif problem == "card with broken metadata":
+        (folder / "README.md").write_text(CARD.replace("- tokenpacker", "- [tokenpacker"))
     elif problem == "card with another pipeline":
         (folder / "README.md").write_text(CARD.replace("image-text-to-text", "text-generation"))
 
@@ -279,6 +285,8 @@ def corrupt(folder: Path, problem: str) -> None:
     ("problem", "message"),
     [
         ("no config", "is not a TokenPacker checkpoint: config.json is missing"),
+        ("config not JSON", "config.json is not valid JSON: Expecting property name enclosed in double quotes"),
+        ("config not loadable", "config.json does not load as a TokenPackerConfig: projector_num_heads must divide"),
         ("other model type", "config.json has model_type 'llava', expected 'tokenpacker'"),
         ("pickle", "holds pickle files, which are not published (convert them to safetensors): ['pytorch_model.bin']"),
         ("no weights",
@@ -287,6 +295,7 @@ def corrupt(folder: Path, problem: str) -> None:
         ("wrong shape", "do not match a TokenPacker model: wrong shape: lm_head.weight [3, 64] (expected [128, 64])"),
         ("no card", "has no model card: write a README.md with Hub metadata before publishing"),
         ("card without license", "README.md is incomplete: license is missing"),
+        ("card with broken metadata", "README.md is not a valid YAML mapping: while parsing a flow sequence"),
         ("card with another pipeline", "pipeline_tag must be 'image-text-to-text', got 'text-generation'"),
     ],
 )
@@ -323,6 +332,10 @@ def test_no_token_and_an_invalid_repository_name_fail_before_sending_anything(hu
     code, out, err = run_publish(capsys, checkpoint, "alice/bad name!", "--token", TOKEN)
     assert (code, out) == (1, "")
     assert "invalid repository name 'alice/bad name!'" in err
+
+    code, out, err = run_publish(capsys, checkpoint / "absent", "alice/tiny", "--token", TOKEN)
+    assert (code, out) == (1, "")
+    assert f"expected a checkpoint folder, got '{checkpoint / 'absent'}', which is not a directory" in err
     assert hub.requests == []
 
 
