@@ -1,7 +1,11 @@
 """TokenPacker processor: images and prompts -> the input ids and crops of the original LLaVA-1.5 / TokenPacker-HD."""
 
+import os
+
 from transformers import BatchFeature, ProcessorMixin
 from transformers.image_utils import is_valid_image
+
+from .image_processing_tokenpacker import TokenPackerImageProcessor
 
 IMAGE_TOKEN = "<image>"
 ANSWER_PREFIX = "ASSISTANT:"
@@ -108,6 +112,26 @@ class TokenPackerProcessor(ProcessorMixin):
         self.image_token_id = image_token_id
         super().__init__(image_processor, tokenizer, chat_template=chat_template or VICUNA_V1_CHAT_TEMPLATE)
 
+    @classmethod
+    def from_model_config(cls, config, tokenizer, **image_processor_kwargs) -> "TokenPackerProcessor":
+        """The processor for a model with this `TokenPackerConfig`: its mode, crop count, token ids and tokens per crop."""
+        image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+        if image_token_id != config.image_token_id:
+            raise ValueError(
+                f"The tokenizer's {IMAGE_TOKEN} id is {image_token_id} but the model's image_token_id is "
+                f"{config.image_token_id}"
+            )
+        image_processor = TokenPackerImageProcessor(
+            image_aspect_ratio=config.image_aspect_ratio, max_slices=config.max_slices, **image_processor_kwargs
+        )
+        return cls(
+            image_processor,
+            tokenizer,
+            num_image_tokens=config.num_image_tokens,
+            slice_separator_token_id=config.slice_separator_token_id,
+            row_separator_token_id=config.row_separator_token_id,
+        )
+
     def __call__(self, images=None, text=None, **kwargs) -> BatchFeature:
         """Prompt(s) with one `<image>` per image -> `input_ids`, `attention_mask` and (with images) `pixel_values`.
 
@@ -137,9 +161,11 @@ class TokenPackerProcessor(ProcessorMixin):
 
         pixel_values, image_ids = None, []
         if flat_images:
-            image_inputs = self.image_processor(flat_images, **{**merged["images_kwargs"], "return_tensors": "pt"})
+            images_kwargs = {**merged["images_kwargs"], "return_tensors": "pt"}
+            image_inputs = self.image_processor(flat_images, **images_kwargs)
             pixel_values = image_inputs["pixel_values"]  # (total crops, 3, 336, 336)
-            image_ids = [self.image_token_ids_for_grid(h, w) for h, w in image_inputs["image_grids"].tolist()]
+            mode = images_kwargs.get("image_aspect_ratio") or self.image_processor.image_aspect_ratio
+            image_ids = [self.image_token_layout(h, w, mode) for h, w in image_inputs["image_grids"].tolist()]
 
         input_ids = self._expand(prompts, image_ids, add_special_tokens)
         padded = self.tokenizer.pad({"input_ids": input_ids}, return_tensors=return_tensors, **text_kwargs)
@@ -148,10 +174,10 @@ class TokenPackerProcessor(ProcessorMixin):
             data["pixel_values"] = pixel_values
         return BatchFeature(data, tensor_type=return_tensors)
 
-    def image_token_ids_for_grid(self, h_block: int, w_block: int) -> list[int]:
-        """The ids one image becomes: its crops' image tokens in the image processor's crop order."""
+    def image_token_layout(self, h_block: int, w_block: int, image_aspect_ratio: str) -> list[int]:
+        """The ids one image with a grid of `h_block` x `w_block` blocks becomes, crops in the image processor's order."""
         crop = [self.image_token_id] * self.num_image_tokens
-        if self.image_processor.image_aspect_ratio == "pad":
+        if image_aspect_ratio == "pad":
             return crop
         ids = []
         for _ in range(h_block):
@@ -168,7 +194,9 @@ class TokenPackerProcessor(ProcessorMixin):
         """Checks the images against the `<image>` markers and returns them flat, in marker order."""
         if images is None:
             images = []
-        elif is_valid_image(images) or isinstance(images, str):
+        elif getattr(images, "ndim", None) == 4:  # a batch of images in one array or tensor
+            images = list(images)
+        elif is_valid_image(images) or isinstance(images, (str, os.PathLike)):
             images = [images]
         images = list(images)
         nested = bool(images) and all(isinstance(item, (list, tuple)) for item in images)
@@ -189,7 +217,7 @@ class TokenPackerProcessor(ProcessorMixin):
                 f"The prompts hold {sum(image_counts)} {self.image_token} marker(s) in total "
                 f"(per prompt: {', '.join(map(str, image_counts))}) but {len(images)} image(s) were given"
             )
-        return self.image_processor.fetch_images(images) if images else []
+        return images
 
     def _expand(self, prompts: list[str], image_ids: list[list[int]], add_special_tokens: bool) -> list[list[int]]:
         """Like the original's `tokenizer_image_token`: chunks tokenized on their own, image ids between them."""
