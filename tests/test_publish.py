@@ -7,18 +7,19 @@ import sys
 from importlib.metadata import entry_points
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from huggingface_hub import HfApi, constants, snapshot_download
 from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
 from safetensors.torch import load_file, save_file
-from transformers import CLIPImageProcessorPil
+from PIL import Image
+from transformers import AutoProcessor
 
 from tokenpacker import TokenPackerForConditionalGeneration, TokenPackerProcessor
-from tokenpacker.conversion import fast_tokenizer_from_sentencepiece
 from tokenpacker.conversion.publish import main, publish_folder
 
-from .builders import IMAGE_TOKEN_ID, tiny_config, train_sentencepiece
+from .builders import IMAGE_TOKEN_ID, tiny_config, tiny_processor
 from .hub_server import HubServer, hub_environment, point_huggingface_hub_at
 
 TOKEN = "hf_alice_write_token"
@@ -177,18 +178,18 @@ def test_model_push_to_hub_gives_the_save_pretrained_folder(hub, tiny_model, tmp
 
 
 def test_processor_push_to_hub_gives_the_save_pretrained_folder(hub, tmp_path):
-    tokenizer = fast_tokenizer_from_sentencepiece(train_sentencepiece(tmp_path / "tokenizer.model"))
-    image_processor = CLIPImageProcessorPil()  # stands in for the TokenPacker image processor: only files are compared
-    processor = TokenPackerProcessor(image_processor, tokenizer, num_image_tokens=36, slice_separator_token_id=7)
+    (tmp_path / "sentencepiece").mkdir()
+    processor = tiny_processor(tmp_path / "sentencepiece", "slice")
     processor.push_to_hub("alice/pushed-processor", token=TOKEN)
     processor.save_pretrained(tmp_path / "saved")
 
     assert_repository_holds_saved_folder(hub, "alice/pushed-processor", tmp_path / "saved", tmp_path / "download")
-    loaded = TokenPackerProcessor.from_pretrained("alice/pushed-processor", token=TOKEN)
-    prompt = "USER: what colour is the square? ASSISTANT:"
-    assert loaded.tokenizer(prompt).input_ids == tokenizer(prompt).input_ids
-    assert (loaded.num_image_tokens, loaded.slice_separator_token_id, loaded.image_token_id) == (36, 7, 400)
-    assert loaded.chat_template == processor.chat_template
+    loaded = AutoProcessor.from_pretrained("alice/pushed-processor", token=TOKEN)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (300, 700, 3), dtype=np.uint8))
+    prompt = "USER: <image>\nWhat colour is the square? ASSISTANT:"
+    expected, got = processor(images=image, text=prompt), loaded(images=image, text=prompt)
+    assert type(loaded) is TokenPackerProcessor and got.keys() == expected.keys()
+    assert all(torch.equal(got[key], expected[key]) for key in expected)
 
 
 def test_dry_run_lists_files_and_sizes_and_sends_nothing(hub, checkpoint, capsys):
