@@ -46,7 +46,6 @@ _GRIDS_UP_TO_25 = _GRIDS_UP_TO_16 + (
 SLICE_GRIDS = {9: _GRIDS_UP_TO_9, 16: _GRIDS_UP_TO_16, 25: _GRIDS_UP_TO_25}
 
 IMAGE_ASPECT_RATIOS = ("pad", "slice")
-_MODES_BY_CHANNELS = {2: "LA", 3: "RGB", 4: "RGBA"}
 FIXED_BY_MODE = ("do_resize", "do_center_crop", "do_pad")
 
 
@@ -238,8 +237,8 @@ class TokenPackerImageProcessor(PilBackend):
             raise ValueError("expected at least one image, got an empty list")
         return flat
 
-    def process_image(self, image, do_convert_rgb: bool = True, input_data_format=None, **kwargs) -> np.ndarray:
-        """One input image as an RGB uint8 array (height, width, 3), converted like PIL's `convert('RGB')`."""
+    def process_image(self, image, do_convert_rgb: bool = True, input_data_format=None, **kwargs) -> PIL.Image.Image:
+        """One input image as an RGB PIL image, converted like PIL's `convert('RGB')`."""
         if isinstance(image, (str, os.PathLike)):
             image = _load_image_file(os.fspath(image))
         if isinstance(image, torch.Tensor):
@@ -253,11 +252,11 @@ class TokenPackerImageProcessor(PilBackend):
             if not do_convert_rgb:
                 raise ValueError(f"do_convert_rgb is False, so images must be RGB, got a {image.mode!r} image")
             image = image.convert("RGB")
-        return np.asarray(image)
+        return image
 
     def _preprocess(
         self,
-        images: list[np.ndarray],
+        images: list[PIL.Image.Image],
         image_aspect_ratio: str,
         max_slices: int,
         size: SizeDict,
@@ -272,70 +271,69 @@ class TokenPackerImageProcessor(PilBackend):
         **kwargs,
     ) -> BatchFeature:
         lookup = _pixel_lookup_table(do_rescale, rescale_factor, do_normalize, image_mean, image_std)
+        block_size = (crop_size.height, crop_size.width)
         if image_aspect_ratio == "pad":
-            background = tuple(int(m * 255) for m in image_mean)
-            crops = [self._pad_crop(image, background, size, crop_size, resample, lookup) for image in images]
             grids = [(1, 1)] * len(images)
         else:
-            block_size = (crop_size.height, crop_size.width)
-            crops, grids = [], []
-            for image in images:
-                grid = select_slice_grid(image.shape[0], image.shape[1], max_slices, block_size)
-                crops.append(self._slice_crops(image, grid, block_size, lookup))
-                grids.append(grid)
-        crop_shape = (-1, 3, crop_size.height, crop_size.width)
-        data = {
-            "pixel_values": torch.cat([torch.as_tensor(image_crops).view(crop_shape) for image_crops in crops]),
-            "image_grids": torch.tensor(grids, dtype=torch.long),
-        }
+            grids = [select_slice_grid(image.height, image.width, max_slices, block_size) for image in images]
+        crop_counts = [self.num_crops(*grid) for grid in grids]
+        pixel_values = torch.empty(sum(crop_counts), 3, *block_size)  # every crop is written below
+        background = tuple(int(m * 255) for m in image_mean)  # LLaVA-1.5's padding colour: (122, 116, 104) for CLIP
+        for image, grid, crops in zip(images, grids, pixel_values.split(crop_counts)):
+            if image_aspect_ratio == "pad":
+                self._write_pad_crop(crops[0], image, background, size, crop_size, resample, lookup)
+            else:
+                _write_slice_crops(crops, np.asarray(image), grid, lookup)
+        data = {"pixel_values": pixel_values, "image_grids": torch.tensor(grids, dtype=torch.long)}
         if return_tensors == "np":
             data = {key: value.numpy() for key, value in data.items()}
         return BatchFeature(data=data)
 
-    def _pad_crop(self, image, background, size, crop_size, resample, lookup) -> np.ndarray:
+    def _write_pad_crop(self, out: torch.Tensor, image, background, size, crop_size, resample, lookup):
         """LLaVA-1.5: centre the image on a square of the background colour, then CLIP's resize and centre crop."""
-        square = expand_to_square(image, background).transpose(2, 0, 1)  # (3, side, side)
-        square = self.resize(square, size=size, resample=resample)
-        square = self.center_crop(square, crop_size)
-        return _apply_lookup(lookup, square)  # (3, crop height, crop width)
+        side = size.shortest_edge  # the square's shortest side is every side
+        square = expand_to_square(image, background).resize((side, side), resample=resample)
+        crop = self.center_crop(np.asarray(square).transpose(2, 0, 1), crop_size)  # (3, crop height, crop width)
+        _apply_lookup(lookup, crop, out.numpy())
 
-    @staticmethod
-    def _slice_crops(image, grid, block_size, lookup) -> torch.Tensor:
-        """TokenPacker-HD: the grid's blocks row by row, then the thumbnail when there are several blocks."""
-        height, width = image.shape[:2]
-        (h_block, w_block), (block_height, block_width) = grid, block_size
-        pixels = torch.from_numpy(_apply_lookup(lookup, image.transpose(2, 0, 1)))[None]  # (1, 3, height, width)
 
-        canvas = _resize_onto_zeros(pixels, (height, width), (block_height * h_block, block_width * w_block))
-        blocks = canvas.view(3, h_block, block_height, w_block, block_width).permute(1, 3, 0, 2, 4)
-        blocks = blocks.reshape(h_block * w_block, 3, block_height, block_width)
-        if h_block * w_block == 1:
-            return blocks
+def _write_slice_crops(out: torch.Tensor, image: np.ndarray, grid: tuple[int, int], lookup: np.ndarray):
+    """TokenPacker-HD into `out` (crops, 3, block height, block width): the blocks row by row, then the thumbnail."""
+    height, width = image.shape[:2]
+    (h_block, w_block), (block_height, block_width) = grid, out.shape[-2:]
+    pixels = torch.from_numpy(_apply_lookup(lookup, image.transpose(2, 0, 1)))  # (3, height, width)
+
+    canvas = _resize_onto_zeros(pixels, (height, width), (block_height * h_block, block_width * w_block))
+    blocks = canvas.view(3, h_block, block_height, w_block, block_width).permute(1, 3, 0, 2, 4)
+    out[: h_block * w_block].view(h_block, w_block, 3, block_height, block_width).copy_(blocks)
+    if h_block * w_block > 1:
         # The thumbnail squeezes the padded canvas with the original image's aspect ratio (the released weights
         # were trained on it).
-        thumbnail = _resize_onto_zeros(canvas[None], (height, width), block_size)
-        return torch.cat([blocks, thumbnail[None]])
+        out[-1] = _resize_onto_zeros(canvas, (height, width), (block_height, block_width))
 
 
-def expand_to_square(image: np.ndarray, background: tuple[int, int, int]) -> np.ndarray:
-    """LLaVA-1.5's expand2square on an RGB array (height, width, 3): centred on a square of `background`."""
-    height, width = image.shape[:2]
-    if height == width:
+def expand_to_square(image: PIL.Image.Image, background: tuple[int, int, int]) -> PIL.Image.Image:
+    """LLaVA-1.5's expand2square: the image centred on a square of the `background` colour."""
+    width, height = image.size
+    if width == height:
         return image
-    side = max(height, width)
-    square = np.empty((side, side, 3), dtype=np.uint8)
-    square[:] = np.array(background, dtype=np.uint8)
-    top, left = (side - height) // 2, (side - width) // 2
-    square[top : top + height, left : left + width] = image
+    side = max(width, height)
+    square = PIL.Image.new(image.mode, (side, side), background)
+    square.paste(image, ((side - width) // 2, (side - height) // 2))
     return square
 
 
 def _resize_onto_zeros(pixels: torch.Tensor, image_size, target_size) -> torch.Tensor:
-    """Bilinear resize of (1, 3, h, w) to fit `target_size` with `image_size`'s aspect, top-left on zeros."""
+    """Bilinear resize of (3, h, w) to fit `target_size` with `image_size`'s aspect, top-left on zeros."""
     fitted_height, fitted_width = fit_size(*image_size, *target_size)
-    resized = F.interpolate(pixels, size=(fitted_height, fitted_width), mode="bilinear", align_corners=False)
+    resized = pixels
+    if (fitted_height, fitted_width) != pixels.shape[-2:]:  # a same-size bilinear resize is the identity
+        resized = F.interpolate(pixels[None], size=(fitted_height, fitted_width), mode="bilinear", align_corners=False)
+        resized = resized[0]
+    if (fitted_height, fitted_width) == tuple(target_size):
+        return resized
     canvas = torch.zeros(3, *target_size)
-    canvas[:, :fitted_height, :fitted_width] = resized[0]
+    canvas[:, :fitted_height, :fitted_width] = resized
     return canvas
 
 
@@ -351,9 +349,9 @@ def _pixel_lookup_table(do_rescale, rescale_factor, do_normalize, image_mean, im
     return table
 
 
-def _apply_lookup(table: np.ndarray, image: np.ndarray) -> np.ndarray:
-    """(3, h, w) uint8 -> (3, h, w) float32 through the per-channel lookup table."""
-    out = np.empty(image.shape, dtype=np.float32)
+def _apply_lookup(table: np.ndarray, image: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """(3, h, w) uint8 -> (3, h, w) float32 through the per-channel lookup table, into `out` when given."""
+    out = np.empty(image.shape, dtype=np.float32) if out is None else out
     for channel in range(3):
         np.take(table[channel], image[channel], out=out[channel])
     return out
@@ -416,8 +414,7 @@ def _array_to_pil(array: np.ndarray, layout: str) -> PIL.Image.Image:
             f"or a 4D batch of those, got shape {array.shape}"
         )
     _check_image_size(array.shape[1], array.shape[0])
-    mode = "L" if array.ndim == 2 else _MODES_BY_CHANNELS[array.shape[-1]]
-    return PIL.Image.fromarray(np.ascontiguousarray(_to_uint8(array)), mode)
+    return PIL.Image.fromarray(np.ascontiguousarray(_to_uint8(array)))  # L, LA, RGB or RGBA by channel count
 
 
 def _to_uint8(array: np.ndarray) -> np.ndarray:
