@@ -55,6 +55,9 @@ class TokenPackerProcessor(ProcessorMixin):
     a row and `row_separator_token_id` at its end, then, for grids of more than one block, the thumbnail's tokens and
     `row_separator_token_id`. The crops come in the same order from the image processor.
 
+    `batch_decode`, `decode` and `post_process_image_text_to_text` return answers: the text after the last
+    "ASSISTANT:" of the Vicuna v1 prompt (the whole text when there is none), special tokens skipped by default.
+
     Args:
         image_processor (`TokenPackerImageProcessor`):
             Makes the crops (`pixel_values`) and tells each image's grid of blocks (`image_grids`).
@@ -114,7 +117,7 @@ class TokenPackerProcessor(ProcessorMixin):
 
     @classmethod
     def from_model_config(cls, config, tokenizer, **image_processor_kwargs) -> "TokenPackerProcessor":
-        """The processor for a model with this `TokenPackerConfig`: its mode, crop count, token ids and tokens per crop."""
+        """The processor for a model with this `TokenPackerConfig`: its mode, crops, token ids and tokens per crop."""
         image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
         if image_token_id != config.image_token_id:
             raise ValueError(
@@ -149,7 +152,9 @@ class TokenPackerProcessor(ProcessorMixin):
         merged = self._merge_kwargs(**kwargs)
         text_kwargs = merged["text_kwargs"]
         unsupported = sorted(
-            key for key, value in text_kwargs.items() if key not in self.supported_text_kwargs and value not in (None, False)
+            key
+            for key, value in text_kwargs.items()
+            if key not in self.supported_text_kwargs and value not in (None, False)
         )
         if unsupported:
             raise ValueError(
@@ -175,7 +180,7 @@ class TokenPackerProcessor(ProcessorMixin):
         return BatchFeature(data, tensor_type=return_tensors)
 
     def image_token_layout(self, h_block: int, w_block: int, image_aspect_ratio: str) -> list[int]:
-        """The ids one image with a grid of `h_block` x `w_block` blocks becomes, crops in the image processor's order."""
+        """The ids of an image with `h_block` x `w_block` blocks, its crops in the image processor's order."""
         crop = [self.image_token_id] * self.num_image_tokens
         if image_aspect_ratio == "pad":
             return crop
@@ -205,7 +210,7 @@ class TokenPackerProcessor(ProcessorMixin):
                 raise ValueError(
                     f"Got {len(images)} lists of images (one per prompt) but {len(image_counts)} prompt(s)"
                 )
-            for index, (sample_images, count) in enumerate(zip(images, image_counts)):
+            for index, (sample_images, count) in enumerate(zip(images, image_counts, strict=True)):
                 if len(sample_images) != count:
                     raise ValueError(
                         f"Prompt {index} holds {count} {self.image_token} marker(s) but {len(sample_images)} image(s) "
@@ -247,7 +252,9 @@ class TokenPackerProcessor(ProcessorMixin):
     def post_process_image_text_to_text(self, generated_outputs, skip_special_tokens: bool = True, **kwargs):
         """The answers of `generate`'s output, (batch, length) -> list of strings; (length,) -> one string."""
         if getattr(generated_outputs, "ndim", None) == 1 or (
-            isinstance(generated_outputs, (list, tuple)) and generated_outputs and isinstance(generated_outputs[0], int)
+            isinstance(generated_outputs, (list, tuple))
+            and generated_outputs
+            and isinstance(generated_outputs[0], int)
         ):
             return self.decode(generated_outputs, skip_special_tokens=skip_special_tokens, **kwargs)
         return self.batch_decode(generated_outputs, skip_special_tokens=skip_special_tokens, **kwargs)

@@ -68,7 +68,7 @@ CHAT_PAD_TOKEN_ID = 401
 
 
 def tiny_chat_config(model_file, image_aspect_ratio="pad", **overrides):
-    """`tiny_config` for a chat model on the tokenizer of `train_sentencepiece`: vocab 402, HD ids from the model file."""
+    """`tiny_config` on the tokenizer of `train_sentencepiece`: vocab 402, HD separator ids from the model file."""
     import sentencepiece as spm
 
     pieces = spm.SentencePieceProcessor(model_file=str(model_file))
@@ -84,7 +84,7 @@ def tiny_chat_config(model_file, image_aspect_ratio="pad", **overrides):
 
 
 def tiny_processor(folder, image_aspect_ratio="pad"):
-    """A TokenPackerProcessor (36 tokens per crop) whose sentencepiece model is written to `folder / "tokenizer.model"`."""
+    """A TokenPackerProcessor (36 tokens per crop); its sentencepiece model goes to `folder / "tokenizer.model"`."""
     from tokenpacker import TokenPackerProcessor
     from tokenpacker.conversion import fast_tokenizer_from_sentencepiece
 
@@ -95,7 +95,10 @@ def tiny_processor(folder, image_aspect_ratio="pad"):
 
 def tiny_checkpoint_folder(folder, image_aspect_ratio="pad"):
     """Saves a tiny random TokenPackerForConditionalGeneration and its processor in `folder`, like a Hub folder."""
+    import torch
+
     from tokenpacker.demo import save_random_checkpoint
 
+    torch.manual_seed(0)  # the same weights whatever ran before
     model_file = train_sentencepiece(folder / "tokenizer.model")
     return save_random_checkpoint(folder, tiny_chat_config(model_file, image_aspect_ratio), model_file)

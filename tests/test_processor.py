@@ -158,8 +158,11 @@ def test_right_padding_and_lists_on_request(pad_processor, pieces):
 
 
 def test_marker_and_image_counts_must_agree(pad_processor):
-    with pytest.raises(ValueError, match=r"^The prompts hold 2 <image> marker\(s\) in total \(per prompt: 1, 1\) but 1 "
-                       r"image\(s\) were given$"):
+    with pytest.raises(
+        ValueError,
+        match=r"^The prompts hold 2 <image> marker\(s\) in total \(per prompt: 1, 1\) but 1 "
+        r"image\(s\) were given$",
+    ):
         pad_processor(images=[image(40, 40)], text=["<image> a", "<image> b"])
     with pytest.raises(ValueError, match=r"^The prompts hold 0 <image> marker\(s\) in total \(per prompt: 0\) but 1 "):
         pad_processor(images=image(40, 40), text="no marker")
@@ -183,9 +186,13 @@ def test_bad_arguments_are_refused(pad_processor):
         TokenPackerProcessor(image_processor, tokenizer, num_image_tokens=0)
     with pytest.raises(ValueError, match="^The tokenizer has no '<img>' token; add it as a special token$"):
         TokenPackerProcessor(image_processor, tokenizer, image_token="<img>")
-    with pytest.raises(ValueError, match="^row_separator_token_id must be a token id below the tokenizer's 402, got 402$"):
+    with pytest.raises(
+        ValueError, match="^row_separator_token_id must be a token id below the tokenizer's 402, got 402$"
+    ):
         TokenPackerProcessor(image_processor, tokenizer, slice_separator_token_id=5, row_separator_token_id=402)
-    with pytest.raises(ValueError, match="^slice_separator_token_id must be a token id below the tokenizer's 402, got 29892$"):
+    with pytest.raises(
+        ValueError, match="^slice_separator_token_id must be a token id below the tokenizer's 402, got 29892$"
+    ):
         TokenPackerProcessor(image_processor, tokenizer)  # the LLaMA default does not fit this vocabulary
 
 
@@ -231,7 +238,9 @@ def test_tokenized_chat_equals_the_processor_on_the_rendered_prompt(slice_proces
         {"role": "assistant", "content": "Red."},
         {"role": "user", "content": [{"type": "image", "image": pictures[1]}, {"type": "text", "text": "Right?"}]},
     ]
-    out = slice_processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True, return_dict=True)
+    out = slice_processor.apply_chat_template(
+        conversation, add_generation_prompt=True, tokenize=True, return_dict=True
+    )
     prompt = slice_processor.apply_chat_template(conversation, add_generation_prompt=True)
     direct = slice_processor(images=pictures, text=prompt)
     assert set(out.keys()) == {"input_ids", "attention_mask", "pixel_values"}
