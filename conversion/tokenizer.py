@@ -13,9 +13,16 @@ PAD_TOKEN = "<pad>"
 
 
 def fast_tokenizer_from_sentencepiece(
-    model_file: str | os.PathLike, model_max_length: int = 2048, image_token: str = IMAGE_TOKEN, pad_token: str = PAD_TOKEN
+    model_file: str | os.PathLike,
+    model_max_length: int = 2048,
+    image_token: str = IMAGE_TOKEN,
+    pad_token: str = PAD_TOKEN,
+    padding_side: str = "left",
 ) -> PreTrainedTokenizerFast:
     """Builds a fast tokenizer from a LLaMA-style `tokenizer.model`, with `image_token` and `pad_token` appended.
+
+    Batches are padded on `padding_side`, left by default as generation needs (the image-text-to-text pipeline pads
+    its batches on the tokenizer's side).
 
     sentencepiece always adds its dummy prefix '▁', also to text that starts with a space; the `Metaspace`
     pre-tokenizer of transformers' Llama tokenizer does not ("▁ x" stays one '▁' short). The tokenizer built here
@@ -39,6 +46,7 @@ def fast_tokenizer_from_sentencepiece(
         unk_token=llama.unk_token,
         clean_up_tokenization_spaces=False,
         model_max_length=model_max_length,
+        padding_side=padding_side,
     )
     tokenizer.add_special_tokens({"extra_special_tokens": [image_token], "pad_token": pad_token})
     return tokenizer

@@ -1,0 +1,3 @@
+from .processing_tokenpacker import TokenPackerProcessor
+
+__all__ = ["TokenPackerProcessor"]
