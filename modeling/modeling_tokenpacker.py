@@ -14,7 +14,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from transformers.modeling_utils import slice_logits_to_keep
 from transformers.utils.deprecation import deprecate_kwarg
 
-from ..configuration.configuration_tokenpacker import TokenPackerConfig
+from ..configuration.configuration_tokenpacker import RemoteCodeMixin, TokenPackerConfig
 
 
 @dataclass
@@ -122,8 +122,15 @@ class TokenPackerProjector(nn.Module):
         return self.output_proj(packed.view(crops, -1, packed.shape[-1]))  # (crops, (grid/s)**2, text hidden)
 
 
-class TokenPackerPreTrainedModel(PreTrainedModel):
+class TokenPackerPreTrainedModel(RemoteCodeMixin, PreTrainedModel):
     config: TokenPackerConfig
+    remote_code_auto_map = {
+        "config.json": {
+            "AutoConfig": "configuration_tokenpacker.TokenPackerConfig",
+            "AutoModel": "modeling_tokenpacker.TokenPackerModel",
+            "AutoModelForImageTextToText": "modeling_tokenpacker.TokenPackerForConditionalGeneration",
+        }
+    }
     base_model_prefix = "model"
     input_modalities = ("image", "text")
     supports_gradient_checkpointing = True

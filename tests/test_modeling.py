@@ -181,7 +181,6 @@ def test_half_precision_runs_close_to_float32(tmp_path, dtype):
 def test_device_map_auto_offloads_without_splitting_blocks_and_keeps_outputs(tmp_path):
     model, _ = build()
     model.save_pretrained(tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "generation_config.json", "model.safetensors"]
     size = sum(p.numel() * p.element_size() for p in model.parameters())
     loaded = AutoModelForImageTextToText.from_pretrained(
         tmp_path, device_map="auto", max_memory={"cpu": size // 2}, offload_folder=tmp_path / "offload"
