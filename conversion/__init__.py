@@ -1,7 +1,7 @@
 """Conversion of the original TokenPacker checkpoints into Hub folders."""
 
 from .convert import ConversionResult, convert_checkpoint
-from .tokenizer import fast_tokenizer_from_sentencepiece
+from .tokenizer import fast_tokenizer_from_sentencepiece, train_llama_sentencepiece
 from .verify import VerificationReport, original_projector_formula
 
 __all__ = [
@@ -10,4 +10,5 @@ __all__ = [
     "convert_checkpoint",
     "fast_tokenizer_from_sentencepiece",
     "original_projector_formula",
+    "train_llama_sentencepiece",
 ]

@@ -1,7 +1,11 @@
 """TokenPacker processor: images and prompts -> the input ids and crops of the original LLaVA-1.5 / TokenPacker-HD."""
 
+import os
+
 from transformers import BatchFeature, ProcessorMixin
 from transformers.image_utils import is_valid_image
+
+from .image_processing_tokenpacker import TokenPackerImageProcessor
 
 IMAGE_TOKEN = "<image>"
 ANSWER_PREFIX = "ASSISTANT:"
@@ -50,6 +54,9 @@ class TokenPackerProcessor(ProcessorMixin):
     (TokenPacker-HD) mode, one row of block tokens per grid row with `slice_separator_token_id` between the blocks of
     a row and `row_separator_token_id` at its end, then, for grids of more than one block, the thumbnail's tokens and
     `row_separator_token_id`. The crops come in the same order from the image processor.
+
+    `batch_decode`, `decode` and `post_process_image_text_to_text` return answers: the text after the last
+    "ASSISTANT:" of the Vicuna v1 prompt (the whole text when there is none), special tokens skipped by default.
 
     Args:
         image_processor (`TokenPackerImageProcessor`):
@@ -108,6 +115,26 @@ class TokenPackerProcessor(ProcessorMixin):
         self.image_token_id = image_token_id
         super().__init__(image_processor, tokenizer, chat_template=chat_template or VICUNA_V1_CHAT_TEMPLATE)
 
+    @classmethod
+    def from_model_config(cls, config, tokenizer, **image_processor_kwargs) -> "TokenPackerProcessor":
+        """The processor for a model with this `TokenPackerConfig`: its mode, crops, token ids and tokens per crop."""
+        image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+        if image_token_id != config.image_token_id:
+            raise ValueError(
+                f"The tokenizer's {IMAGE_TOKEN} id is {image_token_id} but the model's image_token_id is "
+                f"{config.image_token_id}"
+            )
+        image_processor = TokenPackerImageProcessor(
+            image_aspect_ratio=config.image_aspect_ratio, max_slices=config.max_slices, **image_processor_kwargs
+        )
+        return cls(
+            image_processor,
+            tokenizer,
+            num_image_tokens=config.num_image_tokens,
+            slice_separator_token_id=config.slice_separator_token_id,
+            row_separator_token_id=config.row_separator_token_id,
+        )
+
     def __call__(self, images=None, text=None, **kwargs) -> BatchFeature:
         """Prompt(s) with one `<image>` per image -> `input_ids`, `attention_mask` and (with images) `pixel_values`.
 
@@ -125,7 +152,9 @@ class TokenPackerProcessor(ProcessorMixin):
         merged = self._merge_kwargs(**kwargs)
         text_kwargs = merged["text_kwargs"]
         unsupported = sorted(
-            key for key, value in text_kwargs.items() if key not in self.supported_text_kwargs and value not in (None, False)
+            key
+            for key, value in text_kwargs.items()
+            if key not in self.supported_text_kwargs and value not in (None, False)
         )
         if unsupported:
             raise ValueError(
@@ -137,9 +166,11 @@ class TokenPackerProcessor(ProcessorMixin):
 
         pixel_values, image_ids = None, []
         if flat_images:
-            image_inputs = self.image_processor(flat_images, **{**merged["images_kwargs"], "return_tensors": "pt"})
+            images_kwargs = {**merged["images_kwargs"], "return_tensors": "pt"}
+            image_inputs = self.image_processor(flat_images, **images_kwargs)
             pixel_values = image_inputs["pixel_values"]  # (total crops, 3, 336, 336)
-            image_ids = [self.image_token_ids_for_grid(h, w) for h, w in image_inputs["image_grids"].tolist()]
+            mode = images_kwargs.get("image_aspect_ratio") or self.image_processor.image_aspect_ratio
+            image_ids = [self.image_token_layout(h, w, mode) for h, w in image_inputs["image_grids"].tolist()]
 
         input_ids = self._expand(prompts, image_ids, add_special_tokens)
         padded = self.tokenizer.pad({"input_ids": input_ids}, return_tensors=return_tensors, **text_kwargs)
@@ -148,10 +179,10 @@ class TokenPackerProcessor(ProcessorMixin):
             data["pixel_values"] = pixel_values
         return BatchFeature(data, tensor_type=return_tensors)
 
-    def image_token_ids_for_grid(self, h_block: int, w_block: int) -> list[int]:
-        """The ids one image becomes: its crops' image tokens in the image processor's crop order."""
+    def image_token_layout(self, h_block: int, w_block: int, image_aspect_ratio: str) -> list[int]:
+        """The ids of an image with `h_block` x `w_block` blocks, its crops in the image processor's order."""
         crop = [self.image_token_id] * self.num_image_tokens
-        if self.image_processor.image_aspect_ratio == "pad":
+        if image_aspect_ratio == "pad":
             return crop
         ids = []
         for _ in range(h_block):
@@ -168,7 +199,9 @@ class TokenPackerProcessor(ProcessorMixin):
         """Checks the images against the `<image>` markers and returns them flat, in marker order."""
         if images is None:
             images = []
-        elif is_valid_image(images) or isinstance(images, str):
+        elif getattr(images, "ndim", None) == 4:  # a batch of images in one array or tensor
+            images = list(images)
+        elif is_valid_image(images) or isinstance(images, (str, os.PathLike)):
             images = [images]
         images = list(images)
         nested = bool(images) and all(isinstance(item, (list, tuple)) for item in images)
@@ -177,7 +210,7 @@ class TokenPackerProcessor(ProcessorMixin):
                 raise ValueError(
                     f"Got {len(images)} lists of images (one per prompt) but {len(image_counts)} prompt(s)"
                 )
-            for index, (sample_images, count) in enumerate(zip(images, image_counts)):
+            for index, (sample_images, count) in enumerate(zip(images, image_counts, strict=True)):
                 if len(sample_images) != count:
                     raise ValueError(
                         f"Prompt {index} holds {count} {self.image_token} marker(s) but {len(sample_images)} image(s) "
@@ -189,7 +222,7 @@ class TokenPackerProcessor(ProcessorMixin):
                 f"The prompts hold {sum(image_counts)} {self.image_token} marker(s) in total "
                 f"(per prompt: {', '.join(map(str, image_counts))}) but {len(images)} image(s) were given"
             )
-        return self.image_processor.fetch_images(images) if images else []
+        return images
 
     def _expand(self, prompts: list[str], image_ids: list[list[int]], add_special_tokens: bool) -> list[list[int]]:
         """Like the original's `tokenizer_image_token`: chunks tokenized on their own, image ids between them."""
@@ -219,7 +252,9 @@ class TokenPackerProcessor(ProcessorMixin):
     def post_process_image_text_to_text(self, generated_outputs, skip_special_tokens: bool = True, **kwargs):
         """The answers of `generate`'s output, (batch, length) -> list of strings; (length,) -> one string."""
         if getattr(generated_outputs, "ndim", None) == 1 or (
-            isinstance(generated_outputs, (list, tuple)) and generated_outputs and isinstance(generated_outputs[0], int)
+            isinstance(generated_outputs, (list, tuple))
+            and generated_outputs
+            and isinstance(generated_outputs[0], int)
         ):
             return self.decode(generated_outputs, skip_special_tokens=skip_special_tokens, **kwargs)
         return self.batch_decode(generated_outputs, skip_special_tokens=skip_special_tokens, **kwargs)
