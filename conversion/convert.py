@@ -20,12 +20,14 @@ import torch
 from transformers import GenerationConfig
 
 from ..configuration import TokenPackerConfig
+from ..configuration.configuration_tokenpacker import write_remote_code
 from ..modeling import TokenPackerForConditionalGeneration
+from ..processing import TokenPackerProcessor
 from .checkpoint_files import CheckpointFiles, TensorInfo
 from .model_card import model_card
 from .original_checkpoint import (
     DEFAULT_VISION_TOWER,
-    PROJECTOR,
+    ORIGINAL_PROJECTOR,
     LlavaCheckpoint,
     SeparatorIds,
     read_vision_config,
@@ -42,10 +44,11 @@ logger = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 PROJECTOR_TOLERANCE = 1e-4  # relative to the largest output of the original formula, in float32
+TARGET_PROJECTOR = "model.multi_modal_projector."
 GROUPS = (
     ("model.language_model.", "language model"),
     ("lm_head.", "language model"),
-    ("model.multi_modal_projector.", "projector"),
+    (TARGET_PROJECTOR, "projector"),
     ("model.vision_tower.", "vision tower"),
 )
 
@@ -146,13 +149,27 @@ def write_weights(plan: list[PlannedTensor], folder: Path, dtype, added_rows: in
     return writer.finish()
 
 
+def verify_tensor(step: PlannedTensor, contents, reader: ShardReader, dtype: torch.dtype, report: VerificationReport):
+    """Checks the targets of one source tensor (exact equality with the source cast to `dtype`, zero new rows) and
+    records the difference to the uncast source. Holds no tensor after returning: they map whole files."""
+    source, targets = contents.get(step.mapped.name), step.mapped.targets
+    written = [reader.get(target) for target in targets]
+    whole = torch.cat(written) if len(written) > 1 else written[0]
+    kept = whole[: source.shape[0]] if step.mapped.rule.grows_with_vocabulary else whole
+    added = whole[source.shape[0] :] if step.mapped.rule.grows_with_vocabulary else whole[:0]
+    if not torch.equal(kept, source.to(dtype)) or added.count_nonzero():
+        raise ValueError(
+            f"Verification failed: {list(targets)} in {reader.folder} differ from {step.mapped.name} cast to {dtype}"
+        )
+    report.record(group_of(targets[0]), source.dtype, max_abs_difference(kept, source))
+
+
 def verify_weights(
     plan: list[PlannedTensor],
     folder: Path,
     weight_map: dict[str, str],
     config: TokenPackerConfig,
     dtype: torch.dtype,
-    added_rows: int,
     new_tokens: tuple[str, ...],
 ) -> VerificationReport:
     """Reads the written folder back against the sources, then compares its projector with the original formula."""
@@ -163,23 +180,15 @@ def verify_weights(
         logger.info("Verifying %s", shard)
         with files.open(shard) as contents:
             for step in steps:
-                targets = step.mapped.targets
-                if not targets:
+                if not step.mapped.targets:
                     continue
-                source = contents.get(step.mapped.name)
-                written = [reader.get(target) for target in targets]
-                whole = torch.cat(written) if len(written) > 1 else written[0]
-                kept = whole[: source.shape[0]] if step.mapped.rule.grows_with_vocabulary else whole
-                added = whole[source.shape[0] :] if step.mapped.rule.grows_with_vocabulary else whole[:0]
-                if not torch.equal(kept, source.to(dtype)) or added.count_nonzero():
-                    raise ValueError(
-                        f"Verification failed: {list(targets)} in {folder} differ from {step.mapped.name} cast to {dtype}"
+                verify_tensor(step, contents, reader, dtype, report)
+                if step.mapped.name.startswith(ORIGINAL_PROJECTOR):
+                    source = contents.get(step.mapped.name).to(dtype=dtype, copy=True)
+                    original_projector[step.mapped.name.removeprefix(ORIGINAL_PROJECTOR)] = source
+                    converted_projector.update(
+                        (target.removeprefix(TARGET_PROJECTOR), reader.get(target).clone()) for target in step.mapped.targets
                     )
-                report.record(group_of(targets[0]), source.dtype, max_abs_difference(kept, source))
-                if step.mapped.name.startswith(PROJECTOR):
-                    original_projector[step.mapped.name.removeprefix(PROJECTOR)] = source.to(dtype).clone()
-                    prefix = "model.multi_modal_projector."
-                    converted_projector.update((t.removeprefix(prefix), w) for t, w in zip(targets, written))
     reader.close()
     difference, scale = compare_projector(config, converted_projector, original_projector)
     report.projector_difference, report.projector_scale = difference, scale
@@ -321,6 +330,7 @@ def convert_checkpoint(
         vision_config,
         vocab_size=len(tokenizer),
         image_token_id=image_token_id,
+        pad_token_id=pad_token_id,
         separators=SeparatorIds.from_sentencepiece(original.tokenizer_model),
     )
     added_rows = len(tokenizer) - pieces
@@ -340,11 +350,13 @@ def convert_checkpoint(
     try:
         weight_map = write_weights(plan, folder.path, out_dtype, added_rows, shard_bytes)
         config.save_pretrained(folder.path)
+        model_class = TokenPackerForConditionalGeneration
+        write_remote_code(folder.path, model_class.__module__, model_class.remote_code_auto_map)
         generation_config(original.generation_config, config, pad_token_id).save_pretrained(folder.path)
-        tokenizer.save_pretrained(folder.path)
+        TokenPackerProcessor.from_model_config(config, tokenizer).save_pretrained(folder.path)
         report = None
         if verify:
-            report = verify_weights(plan, folder.path, weight_map, config, out_dtype, added_rows, new_tokens)
+            report = verify_weights(plan, folder.path, weight_map, config, out_dtype, new_tokens)
         card = model_card(
             config,
             model_id=output.name,

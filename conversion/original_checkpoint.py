@@ -46,7 +46,7 @@ LLAMA_FIELDS = (
     "mlp_bias",
 )
 REQUIRED_LLAMA_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
-PROJECTOR = "model.mm_projector."
+ORIGINAL_PROJECTOR = "model.mm_projector."
 
 
 def read_json(path: Path, what: str) -> dict:
@@ -158,10 +158,10 @@ def read_vision_config(folder: Path) -> CLIPVisionConfig:
 def projector_widths(tensors: dict[str, TensorInfo], vision_size: int, text_size: int, where: Path) -> int:
     """The projector's width, read from its weights; checks the widths it must share with the towers."""
     needed = ("q_proj_1.weight", "k_proj_1.0.weight", "v_proj_1.0.weight", "mlp.0.weight", "mlp.2.weight")
-    absent = [PROJECTOR + name for name in needed if PROJECTOR + name not in tensors]
+    absent = [ORIGINAL_PROJECTOR + name for name in needed if ORIGINAL_PROJECTOR + name not in tensors]
     if absent:
         raise ValueError(f"The checkpoint in {where} lacks the TokenPacker projector tensors {absent}")
-    width, query_in = tensors[PROJECTOR + "q_proj_1.weight"].shape
+    width, query_in = tensors[ORIGINAL_PROJECTOR + "q_proj_1.weight"].shape
     levels = len(ORIGINAL_MULTI_LEVEL_LAYERS)
     expectations = (
         ("q_proj_1.weight", (width, vision_size), "(projector width, vision hidden size)"),
@@ -171,10 +171,10 @@ def projector_widths(tensors: dict[str, TensorInfo], vision_size: int, text_size
         ("mlp.2.weight", (text_size, text_size), "(text hidden size, text hidden size)"),
     )
     for name, expected, meaning in expectations:
-        shape = tensors[PROJECTOR + name].shape
+        shape = tensors[ORIGINAL_PROJECTOR + name].shape
         if shape != expected:
             raise ValueError(
-                f"{PROJECTOR + name} has shape {tuple(shape)}, expected {expected} {meaning} for a vision tower of "
+                f"{ORIGINAL_PROJECTOR + name} has shape {tuple(shape)}, expected {expected} {meaning} for a vision tower of "
                 f"width {vision_size} and a language model of width {text_size}"
             )
     if width % ORIGINAL_PROJECTOR_HEADS != 0:
@@ -190,9 +190,11 @@ def tokenpacker_config(
     vision_config: CLIPVisionConfig,
     vocab_size: int,
     image_token_id: int,
+    pad_token_id: int,
     separators: SeparatorIds,
 ) -> TokenPackerConfig:
-    """The TokenPackerConfig equivalent to the original checkpoint and its vision tower."""
+    """The TokenPackerConfig equivalent to the original checkpoint and its vision tower, for the vocabulary grown by
+    `<image>` and `<pad>` (the pad id replaces the original's reuse of the unknown token)."""
     llava, where = checkpoint.config, checkpoint.folder / "config.json"
     mm_hidden_size = llava.get("mm_hidden_size", vision_config.hidden_size)
     if mm_hidden_size != vision_config.hidden_size:
@@ -206,7 +208,7 @@ def tokenpacker_config(
             f"{where}: scale_factor {llava['scale_factor']} does not divide the vision tower's {grid}x{grid} patch grid"
         )
     width = projector_widths(tensors, vision_config.hidden_size, llava["hidden_size"], checkpoint.folder)
-    text_config = dict(checkpoint.llama_config, model_type="llama", vocab_size=vocab_size)
+    text_config = dict(checkpoint.llama_config, model_type="llama", vocab_size=vocab_size, pad_token_id=pad_token_id)
     return TokenPackerConfig(
         vision_config=vision_config.to_dict(),
         text_config=text_config,

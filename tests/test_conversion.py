@@ -2,17 +2,28 @@
 weights (stock CLIP -> original projector formula -> plain Llama), the folder's contents, and every way it can fail."""
 
 import json
+import runpy
 import shutil
-import subprocess
 import sys
 from importlib.metadata import entry_points
 from pathlib import Path
 
+import numpy as np
 import pytest
 import sentencepiece as spm
 import torch
+from PIL import Image
 from safetensors import safe_open
-from transformers import AutoModelForImageTextToText, AutoTokenizer, CLIPModel, GenerationConfig, LlamaConfig, LlamaForCausalLM
+from safetensors.torch import save_file
+from transformers import (
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    AutoTokenizer,
+    CLIPModel,
+    GenerationConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
 
 from tokenpacker import TokenPackerForConditionalGeneration
 from tokenpacker.conversion import convert_checkpoint, original_projector_formula
@@ -22,6 +33,7 @@ from tokenpacker.conversion.original_checkpoint import vision_tower_folder
 
 from .original_checkpoints import GRID, TEXT, VOCAB, clip_config, write_original_release
 from .reference import OriginalTokenPacker
+from .remote_process import run_without_tokenpacker
 
 IMAGE = -200  # where an image goes in a prompt, like the original's IMAGE_TOKEN_INDEX
 IMAGE_TOKEN_ID, PAD_TOKEN_ID = VOCAB, VOCAB + 1
@@ -137,6 +149,50 @@ def test_slice_checkpoint_gives_the_original_pipelines_logits_with_separators(sl
     prompt = [1, 5, IMAGE, 7, 8, IMAGE, 9]
     # A 2x3 grid (6 blocks and a thumbnail), then a single block (no thumbnail): 8 crops of 4x4 = 16 tokens.
     compare_with_reference(release, result, prompt, grids=[(2, 3), (1, 1)], mode="slice", tokens_per_crop=16, crops=8)
+
+
+def test_converted_processor_to_logits_end_to_end_for_an_hd_image(slice_release):
+    release, result = slice_release
+    processor = AutoProcessor.from_pretrained(result.output)
+    assert (processor.image_processor.image_aspect_ratio, processor.image_processor.max_slices) == ("slice", 16)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (300, 700, 3), dtype=np.uint8))
+    chunks = ["USER: ", "\nwhat colour is the square? ASSISTANT:"]
+    inputs = processor(images=image, text="<image>".join(chunks))
+    grids = processor.image_processor(image)["image_grids"].tolist()
+    assert grids[0][0] * grids[0][1] > 1  # a wide image: several blocks and a thumbnail
+    # The original's tokenizer_image_token: every chunk tokenized on its own, only the first keeps its BOS.
+    original = spm.SentencePieceProcessor(model_file=str(release.checkpoint / "tokenizer.model"))
+    prompt = [1] + original.encode(chunks[0]) + [IMAGE] + original.encode(chunks[1])
+    assert inputs["input_ids"].tolist() == converted_input_ids(prompt, grids, "slice", 16, *separator_ids(release)).tolist()
+    model = AutoModelForImageTextToText.from_pretrained(result.output).eval()
+    with torch.no_grad():
+        logits = model(**inputs).logits
+    expected = reference_logits(release, prompt, inputs["pixel_values"], grids, "slice", 16)
+    torch.testing.assert_close(logits[..., :VOCAB], expected, atol=1e-4, rtol=0)
+
+
+def test_the_converted_model_loads_with_remote_code_where_tokenpacker_is_absent(pad_release, tmp_path):
+    _, result = pad_release
+    input_ids = [[1, 5, 6] + [IMAGE_TOKEN_ID] * 36 + [9]]
+    pixel_values = torch.randn(1, 3, 336, 336, generator=torch.Generator().manual_seed(1))
+    save_file({"pixel_values": pixel_values}, tmp_path / "pixels.safetensors")
+    remote = run_without_tokenpacker(
+        f"""
+        import json, torch
+        from safetensors.torch import load_file
+        from transformers import AutoModelForImageTextToText
+        model = AutoModelForImageTextToText.from_pretrained({str(result.output)!r}, trust_remote_code=True).eval()
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor({input_ids}), **load_file("pixels.safetensors")).logits
+        print(json.dumps({{"module": type(model).__module__, "last": logits[0, -1].tolist()}}))
+        """,
+        tmp_path,
+    )
+    assert remote["module"].startswith("transformers_modules.")
+    model = AutoModelForImageTextToText.from_pretrained(result.output).eval()
+    with torch.no_grad():
+        local = model(input_ids=torch.tensor(input_ids), pixel_values=pixel_values).logits[0, -1]
+    torch.testing.assert_close(torch.tensor(remote["last"]), local, atol=1e-5, rtol=0)
 
 
 def test_config_records_the_original_settings(pad_release, slice_release):
@@ -281,11 +337,15 @@ def test_cli_prints_the_verification_report(tmp_path, pad_release, capsys):
     assert "tokenpacker-convert: error: " in capsys.readouterr().err
 
 
-def test_command_line_entry_points():
+def test_command_line_entry_points(monkeypatch, capsys):
     (script,) = entry_points(group="console_scripts", name="tokenpacker-convert")
     assert script.value == "tokenpacker.conversion.convert:main"
-    result = subprocess.run([sys.executable, "-m", "tokenpacker.conversion", "--help"], capture_output=True, text=True)
-    assert result.returncode == 0 and "--vision-tower" in result.stdout and "--max-shard-size" in result.stdout
+    monkeypatch.setattr(sys, "argv", ["python -m tokenpacker.conversion", "--help"])
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_module("tokenpacker.conversion", run_name="__main__")
+    assert exit_info.value.code == 0
+    printed = capsys.readouterr().out
+    assert "--vision-tower" in printed and "--max-shard-size" in printed and "--no-verify" in printed
 
 
 @pytest.mark.parametrize("scale_factor", [2, 3, 4])
