@@ -20,12 +20,18 @@ from pathlib import Path
 
 import torch
 from sentencepiece import sentencepiece_model_pb2
-
 from tokenpacker.conversion import train_llama_sentencepiece
 
 GB = 10**9
 TEXT = dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, vocab_size=32000)
-VISION = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16, image_size=336, patch_size=14)
+VISION = dict(
+    hidden_size=1024,
+    intermediate_size=4096,
+    num_hidden_layers=24,
+    num_attention_heads=16,
+    image_size=336,
+    patch_size=14,
+)
 
 
 def llama_layer(index: int, hidden: int, intermediate: int) -> dict[str, tuple[int, ...]]:
@@ -47,7 +53,9 @@ def projector(vision: int, text: int, width: int = 1024, levels: int = 4) -> dic
         shapes.update({f"{kind}_proj_1.2.weight": (width, width), f"{kind}_proj_1.2.bias": (width,)})
     for kind in ("q", "k", "v"):
         shapes.update({f"ln_{kind}_1.weight": (width,), f"ln_{kind}_1.bias": (width,)})
-    shapes.update({"mlp.0.weight": (text, width), "mlp.0.bias": (text,), "mlp.2.weight": (text, text), "mlp.2.bias": (text,)})
+    shapes.update(
+        {"mlp.0.weight": (text, width), "mlp.0.bias": (text,), "mlp.2.weight": (text, text), "mlp.2.bias": (text,)}
+    )
     return {f"model.mm_projector.{name}": shape for name, shape in shapes.items()}
 
 
@@ -65,7 +73,12 @@ def clip_vision(config: dict) -> dict[str, tuple[int, ...]]:
     for layer in range(config["num_hidden_layers"]):
         prefix = f"encoder.layers.{layer}."
         for name in ("q", "k", "v", "out"):
-            shapes.update({prefix + f"self_attn.{name}_proj.weight": (hidden, hidden), prefix + f"self_attn.{name}_proj.bias": (hidden,)})
+            shapes.update(
+                {
+                    prefix + f"self_attn.{name}_proj.weight": (hidden, hidden),
+                    prefix + f"self_attn.{name}_proj.bias": (hidden,),
+                }
+            )
         shapes.update({prefix + "mlp.fc1.weight": (inner, hidden), prefix + "mlp.fc1.bias": (inner,)})
         shapes.update({prefix + "mlp.fc2.weight": (hidden, inner), prefix + "mlp.fc2.bias": (hidden,)})
         for norm in ("layer_norm1", "layer_norm2"):
@@ -84,7 +97,10 @@ def random_tensors(shapes: dict[str, tuple[int, ...]], dtype: torch.dtype, gener
 def write_llava_checkpoint(folder: Path, size: int, shard_size: int, dtype: torch.dtype) -> list[int]:
     """Sharded like the original's trainer: tensors in model order, a new shard when the next would overflow."""
     text = dict(TEXT)
-    fixed = {"model.embed_tokens.weight": (text["vocab_size"], text["hidden_size"]), "model.norm.weight": (text["hidden_size"],)}
+    fixed = {
+        "model.embed_tokens.weight": (text["vocab_size"], text["hidden_size"]),
+        "model.norm.weight": (text["hidden_size"],),
+    }
     head = {"lm_head.weight": (text["vocab_size"], text["hidden_size"])}
     mm = projector(VISION["hidden_size"], text["hidden_size"])
     per_layer = nbytes(llama_layer(0, text["hidden_size"], text["intermediate_size"]), dtype)
@@ -137,7 +153,9 @@ def write_llava_checkpoint(folder: Path, size: int, shard_size: int, dtype: torc
         "scale_factor": 2,
     }
     (folder / "config.json").write_text(json.dumps(config, indent=2))
-    (folder / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 2048, "tokenizer_class": "LlamaTokenizer"}))
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps({"model_max_length": 2048, "tokenizer_class": "LlamaTokenizer"})
+    )
     write_tokenizer(folder / "tokenizer.model", text["vocab_size"])
     return sizes
 
@@ -157,7 +175,12 @@ def write_tokenizer(path: Path, vocab_size: int):
 
 
 def write_clip(folder: Path) -> int:
-    config = {"model_type": "clip_vision_model", "architectures": ["CLIPVisionModel"], "hidden_act": "quick_gelu", **VISION}
+    config = {
+        "model_type": "clip_vision_model",
+        "architectures": ["CLIPVisionModel"],
+        "hidden_act": "quick_gelu",
+        **VISION,
+    }
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     generator = torch.Generator().manual_seed(1)
     torch.save(random_tensors(clip_vision(VISION), torch.float32, generator), folder / "pytorch_model.bin")
@@ -211,11 +234,16 @@ def main():
 
         baseline, _ = peak_rss_of("", [], root / "peak")
         convert = ["--checkpoint", str(checkpoint), "--vision-tower", str(clip), "--output", str(output)]
-        peak, seconds = peak_rss_of("tokenpacker.conversion.convert", convert + ["--max-shard-size", f"{args.shard_gb}GB"], root / "peak")
+        peak, seconds = peak_rss_of(
+            "tokenpacker.conversion.convert", convert + ["--max-shard-size", f"{args.shard_gb}GB"], root / "peak"
+        )
         output_sizes = [file.stat().st_size for file in sorted(output.glob("*.safetensors"))]
 
         print()
-        print(f"input:  LLaVA checkpoint {gb(sum(shard_sizes))} in {len(shard_sizes)} shards: {', '.join(map(gb, shard_sizes))}")
+        print(
+            f"input:  LLaVA checkpoint {gb(sum(shard_sizes))} in {len(shard_sizes)} shards: "
+            f"{', '.join(map(gb, shard_sizes))}"
+        )
         print(f"        CLIP vision tower {gb(clip_size)} (float32, one file)")
         print(f"output: {gb(sum(output_sizes))} in {len(output_sizes)} shards: {', '.join(map(gb, output_sizes))}")
         print(f"largest input shard + largest output shard: {gb(max(shard_sizes + [clip_size]) + max(output_sizes))}")

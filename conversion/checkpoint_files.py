@@ -80,7 +80,9 @@ class CheckpointFiles:
             with self.open(shard) as contents:
                 for name, (shape, dtype) in contents.table_of_contents().items():
                     if name in tensors:
-                        raise ValueError(f"{name} is in two {self.what} shards: {tensors[name].shard.name} and {shard.name}")
+                        raise ValueError(
+                            f"{name} is in two {self.what} shards: {tensors[name].shard.name} and {shard.name}"
+                        )
                     tensors[name] = TensorInfo(shard, shape, dtype)
         if self.index is not None:
             listed = set(self.index)

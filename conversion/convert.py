@@ -17,7 +17,7 @@ from pathlib import Path
 
 import sentencepiece as spm
 import torch
-from transformers import GenerationConfig
+from transformers import GenerationConfig, PreTrainedTokenizerFast
 
 from ..configuration import TokenPackerConfig
 from ..configuration.configuration_tokenpacker import write_remote_code
@@ -31,10 +31,10 @@ from .original_checkpoint import (
     LlavaCheckpoint,
     SeparatorIds,
     read_vision_config,
-    source_dtype,
     tokenpacker_config,
     vision_tower_folder,
 )
+from .publish import PublishError, PublishResult, publish_folder
 from .shards import ShardReader, ShardWriter, parse_size
 from .tokenizer import IMAGE_TOKEN, fast_tokenizer_from_sentencepiece
 from .verify import VerificationReport, compare_projector, max_abs_difference
@@ -67,6 +67,7 @@ class ConversionResult:
     output: Path
     config: TokenPackerConfig
     report: VerificationReport | None
+    published: PublishResult | None = None
 
 
 def group_of(target: str) -> str:
@@ -136,7 +137,9 @@ def converted_tensors(step: PlannedTensor, tensor: torch.Tensor, dtype: torch.dt
     return [(targets[0], tensor)]
 
 
-def write_weights(plan: list[PlannedTensor], folder: Path, dtype, added_rows: int, max_shard_size: int) -> dict[str, str]:
+def write_weights(
+    plan: list[PlannedTensor], folder: Path, dtype, added_rows: int, max_shard_size: int
+) -> dict[str, str]:
     writer = ShardWriter(folder, max_shard_size)
     for files, shard, steps in by_shard(plan):
         logger.info("Converting %s", shard)
@@ -187,7 +190,8 @@ def verify_weights(
                     source = contents.get(step.mapped.name).to(dtype=dtype, copy=True)
                     original_projector[step.mapped.name.removeprefix(ORIGINAL_PROJECTOR)] = source
                     converted_projector.update(
-                        (target.removeprefix(TARGET_PROJECTOR), reader.get(target).clone()) for target in step.mapped.targets
+                        (target.removeprefix(TARGET_PROJECTOR), reader.get(target).clone())
+                        for target in step.mapped.targets
                     )
     reader.close()
     difference, scale = compare_projector(config, converted_projector, original_projector)
@@ -209,7 +213,9 @@ def expected_parameters(config: TokenPackerConfig) -> dict[str, torch.Size]:
 
 def generation_config(source: dict, config: TokenPackerConfig, pad_token_id: int) -> GenerationConfig:
     """The source's generation settings, with the new pad id and the new tokens never generated."""
-    settings = {key: value for key, value in source.items() if key not in ("transformers_version", "_from_model_config")}
+    settings = {
+        key: value for key, value in source.items() if key not in ("transformers_version", "_from_model_config")
+    }
     text = config.text_config
     settings.setdefault("bos_token_id", text.bos_token_id)
     settings.setdefault("eos_token_id", text.eos_token_id)
@@ -226,12 +232,13 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     return DTYPES[dtype]
 
 
-def default_command(checkpoint, output, vision_tower, dtype, max_shard_size, force, verify) -> str:
+def default_command(checkpoint, output, vision_tower, dtype, max_shard_size, force, verify, push_to_hub) -> str:
     arguments = ["tokenpacker-convert", "--checkpoint", str(checkpoint), "--vision-tower", str(vision_tower)]
     arguments += ["--output", str(output)]
     if dtype is not None:
         arguments += ["--dtype", str(dtype).removeprefix("torch.")]
     arguments += ["--max-shard-size", str(max_shard_size)] + ["--force"] * force + ["--no-verify"] * (not verify)
+    arguments += ["--push-to-hub", push_to_hub] if push_to_hub else []
     return shlex.join(arguments)
 
 
@@ -274,6 +281,68 @@ class OutputFolder:
             shutil.rmtree(self.created_parent, ignore_errors=True)
 
 
+@dataclass(frozen=True)
+class PreparedConversion:
+    """Everything read, checked and planned before anything is written."""
+
+    original: LlavaCheckpoint
+    config: TokenPackerConfig
+    tokenizer: PreTrainedTokenizerFast
+    plan: list[PlannedTensor]
+    dtype: torch.dtype
+    added_rows: int
+
+
+def original_tokenizer(original: LlavaCheckpoint, embedding_rows: int | None) -> PreTrainedTokenizerFast:
+    """The fast tokenizer of the checkpoint's tokenizer.model, which must hold one piece per embedding row."""
+    pieces = spm.SentencePieceProcessor(model_file=str(original.tokenizer_model)).get_piece_size()
+    if not pieces == original.config["vocab_size"] == embedding_rows:
+        raise ValueError(
+            f"tokenizer.model has {pieces} pieces, config.json a vocab_size of {original.config['vocab_size']} and "
+            f"model.embed_tokens.weight {embedding_rows} rows: they must be equal"
+        )
+    max_length = original.tokenizer_config.get("model_max_length", 2048)
+    return fast_tokenizer_from_sentencepiece(
+        original.tokenizer_model, model_max_length=max_length if isinstance(max_length, int) else 2048
+    )
+
+
+def prepare_conversion(
+    checkpoint: str | Path, vision_tower: str | Path, dtype: torch.dtype | None, output: Path
+) -> PreparedConversion:
+    """Reads both sources' configs and tables of contents, builds the config and the tokenizer, maps every tensor."""
+    original = LlavaCheckpoint(checkpoint)
+    vision_folder = vision_tower_folder(vision_tower)
+    for source_folder in (original.folder, vision_folder):
+        if output.resolve() == source_folder.resolve():
+            raise ValueError(f"The output folder {output} must not be a source folder")
+    vision_config = read_vision_config(vision_folder)
+    vision_files = CheckpointFiles(vision_folder, "vision tower")
+    llava_tensors, vision_tensors = original.files.inventory(), vision_files.inventory()
+    embeddings = llava_tensors.get("model.embed_tokens.weight")
+    tokenizer = original_tokenizer(original, embeddings.shape[0] if embeddings else None)
+    config = tokenpacker_config(
+        original,
+        llava_tensors,
+        vision_config,
+        vocab_size=len(tokenizer),
+        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        pad_token_id=tokenizer.pad_token_id,
+        separators=SeparatorIds.from_sentencepiece(original.tokenizer_model),
+    )
+    config.dtype = dtype or embeddings.dtype  # by default the checkpoint's own precision
+    added_rows = len(tokenizer) - embeddings.shape[0]
+    plan = plan_conversion(
+        [(LLAVA, original.files, llava_tensors), (CLIP, vision_files, vision_tensors)],
+        WeightMap(config.num_vision_layers_used),
+        expected_parameters(config),
+        added_rows,
+    )
+    for reason, count in dropped_counts(plan).items():
+        logger.info("Dropping %d tensor(s): %s", count, reason)
+    return PreparedConversion(original, config, tokenizer, plan, config.dtype, added_rows)
+
+
 def convert_checkpoint(
     checkpoint: str | Path,
     output: str | Path,
@@ -285,6 +354,7 @@ def convert_checkpoint(
     verify: bool = True,
     license: str = "llama2",
     command: str | None = None,
+    push_to_hub: str | None = None,
 ) -> ConversionResult:
     """Converts an original TokenPacker checkpoint into a safetensors folder that `from_pretrained` loads.
 
@@ -297,72 +367,40 @@ def convert_checkpoint(
         verify: read everything back against the sources and check the projector against the original formula.
         license: the model card's license (the released weights derive from Vicuna v1.5, i.e. Llama 2).
         command: the command line to show in the model card (default: the equivalent `tokenpacker-convert` call).
+        push_to_hub: a Hub repo id to publish the finished folder to (`tokenpacker.conversion.publish.publish_folder`,
+            token from HF_TOKEN or the saved login).
     """
     output = Path(output)
     if (output.exists() or output.is_symlink()) and not force:
         raise FileExistsError(f"{output} already exists; pass --force (force=True) to replace it")
-    out_dtype = resolve_dtype(dtype)
     shard_bytes = parse_size(max_shard_size)
-    original = LlavaCheckpoint(checkpoint)
-    vision_folder = vision_tower_folder(vision_tower)
-    for source_folder in (original.folder, vision_folder):
-        if output.resolve() == source_folder.resolve():
-            raise ValueError(f"The output folder {output} must not be a source folder")
-    vision_config = read_vision_config(vision_folder)
-    vision_files = CheckpointFiles(vision_folder, "vision tower")
-    llava_tensors, vision_tensors = original.files.inventory(), vision_files.inventory()
-
-    pieces = spm.SentencePieceProcessor(model_file=str(original.tokenizer_model)).get_piece_size()
-    rows = llava_tensors["model.embed_tokens.weight"].shape[0] if "model.embed_tokens.weight" in llava_tensors else None
-    if not pieces == original.config["vocab_size"] == rows:
-        raise ValueError(
-            f"tokenizer.model has {pieces} pieces, config.json a vocab_size of {original.config['vocab_size']} and "
-            f"model.embed_tokens.weight {rows} rows: they must be equal"
-        )
-    max_length = original.tokenizer_config.get("model_max_length", 2048)
-    tokenizer = fast_tokenizer_from_sentencepiece(
-        original.tokenizer_model, model_max_length=max_length if isinstance(max_length, int) else 2048
+    prepared = prepare_conversion(checkpoint, vision_tower, resolve_dtype(dtype), output)
+    config, plan = prepared.config, prepared.plan
+    command = command or default_command(
+        checkpoint, output, vision_tower, dtype, max_shard_size, force, verify, push_to_hub
     )
-    image_token_id, pad_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), tokenizer.pad_token_id
-    config = tokenpacker_config(
-        original,
-        llava_tensors,
-        vision_config,
-        vocab_size=len(tokenizer),
-        image_token_id=image_token_id,
-        pad_token_id=pad_token_id,
-        separators=SeparatorIds.from_sentencepiece(original.tokenizer_model),
-    )
-    added_rows = len(tokenizer) - pieces
-    new_tokens = tuple(tokenizer.convert_ids_to_tokens(list(range(pieces, len(tokenizer)))))
-    out_dtype = out_dtype or source_dtype(llava_tensors)
-    config.dtype = out_dtype
-    plan = plan_conversion(
-        [(LLAVA, original.files, llava_tensors), (CLIP, vision_files, vision_tensors)],
-        WeightMap(config.num_vision_layers_used),
-        expected_parameters(config),
-        added_rows,
-    )
-    for reason, count in dropped_counts(plan).items():
-        logger.info("Dropping %d tensor(s): %s", count, reason)
 
     folder = OutputFolder(output)
     try:
-        weight_map = write_weights(plan, folder.path, out_dtype, added_rows, shard_bytes)
+        weight_map = write_weights(plan, folder.path, prepared.dtype, prepared.added_rows, shard_bytes)
         config.save_pretrained(folder.path)
         model_class = TokenPackerForConditionalGeneration
         write_remote_code(folder.path, model_class.__module__, model_class.remote_code_auto_map)
-        generation_config(original.generation_config, config, pad_token_id).save_pretrained(folder.path)
-        TokenPackerProcessor.from_model_config(config, tokenizer).save_pretrained(folder.path)
+        pad_token_id = prepared.tokenizer.pad_token_id
+        generation_config(prepared.original.generation_config, config, pad_token_id).save_pretrained(folder.path)
+        TokenPackerProcessor.from_model_config(config, prepared.tokenizer).save_pretrained(folder.path)
         report = None
         if verify:
-            report = verify_weights(plan, folder.path, weight_map, config, out_dtype, new_tokens)
+            new_tokens = tuple(
+                prepared.tokenizer.convert_ids_to_tokens(list(range(config.image_token_id, len(prepared.tokenizer))))
+            )
+            report = verify_weights(plan, folder.path, weight_map, config, prepared.dtype, new_tokens)
         card = model_card(
             config,
-            model_id=output.name,
-            source_name=original.folder.name,
-            vision_model_id=vision_model_id(vision_tower, original),
-            command=command or default_command(checkpoint, output, vision_tower, dtype, max_shard_size, force, verify),
+            model_id=push_to_hub or output.name,
+            source_name=prepared.original.folder.name,
+            vision_model_id=vision_model_id(vision_tower, prepared.original),
+            command=command,
             license=license,
             verification=str(report) if report else None,
         )
@@ -372,7 +410,16 @@ def convert_checkpoint(
         folder.discard()
         raise
     logger.info("Wrote %s", output)
-    return ConversionResult(output=output, config=config, report=report)
+    published = None
+    if push_to_hub:
+        try:
+            published = publish_folder(output, push_to_hub)
+        except PublishError as error:
+            raise PublishError(
+                f"{error} (the converted folder {output} is complete: publish it with tokenpacker-publish)"
+            ) from error
+        logger.info("Published %s to %s", output, published.repo_id)
+    return ConversionResult(output=output, config=config, report=report, published=published)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -380,9 +427,13 @@ def main(argv: list[str] | None = None) -> int:
         prog="tokenpacker-convert",
         description="Convert an original TokenPacker checkpoint (LLaVA folder) into a verified safetensors folder.",
     )
-    parser.add_argument("--checkpoint", required=True, help="the original LLaVA folder (config.json, weights, tokenizer.model)")
     parser.add_argument(
-        "--vision-tower", default=DEFAULT_VISION_TOWER, help=f"stock CLIP folder or Hub repo id (default: {DEFAULT_VISION_TOWER})"
+        "--checkpoint", required=True, help="the original LLaVA folder (config.json, weights, tokenizer.model)"
+    )
+    parser.add_argument(
+        "--vision-tower",
+        default=DEFAULT_VISION_TOWER,
+        help=f"stock CLIP folder or Hub repo id (default: {DEFAULT_VISION_TOWER})",
     )
     parser.add_argument("--output", required=True, help="the folder to write")
     parser.add_argument("--dtype", choices=list(DTYPES), help="output precision (default: the checkpoint's own)")
@@ -390,6 +441,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--force", action="store_true", help="replace an existing output folder")
     parser.add_argument("--no-verify", dest="verify", action="store_false", help="skip reading everything back")
     parser.add_argument("--license", default="llama2", help="license in the model card (default: llama2)")
+    parser.add_argument(
+        "--push-to-hub",
+        metavar="REPO_ID",
+        help="publish the finished folder to this Hub repo (token: HF_TOKEN or login)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     command = shlex.join(["tokenpacker-convert", *(sys.argv[1:] if argv is None else argv)])
@@ -404,13 +460,16 @@ def main(argv: list[str] | None = None) -> int:
             verify=args.verify,
             license=args.license,
             command=command,
+            push_to_hub=args.push_to_hub,
         )
-    except (ValueError, TypeError, FileNotFoundError, FileExistsError) as error:
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError, PublishError) as error:
         print(f"tokenpacker-convert: error: {error}", file=sys.stderr)
         return 1
     if result.report is not None:
         print(result.report)
     print(f"Converted {args.checkpoint} -> {result.output}")
+    if result.published is not None:
+        print(f"Published to {result.published.repo_id} ({result.published.commit.commit_url})")
     return 0
 
 

@@ -43,7 +43,8 @@ def model_card(
     if config.image_aspect_ratio == "slice":
         layout = (
             f"TokenPacker-HD: an image is cut into a grid of up to {config.max_slices} crops of "
-            f"{config.vision_config.image_size} pixels (chosen by its aspect ratio) plus a thumbnail; every crop becomes "
+            f"{config.vision_config.image_size} pixels (chosen by its aspect ratio) plus a thumbnail; every crop "
+            "becomes "
             f"{tokens} tokens, with ',' between the crops of a row and '\\n' after each row, as in the original."
         )
     else:
@@ -58,7 +59,8 @@ def model_card(
         "",
         f"# {model_id}",
         "",
-        "[TokenPacker](https://arxiv.org/abs/2407.02392) is a visual projector for multimodal language models: it packs "
+        "[TokenPacker](https://arxiv.org/abs/2407.02392) is a visual projector for multimodal language models: it "
+        "packs "
         f"the {grid}x{grid} patch features of a CLIP crop into {tokens} tokens ({config.query_grid_size}x"
         f"{config.query_grid_size}) with coarse point queries that attend to the multi-level features of their own "
         "region (region-to-point attention). This is the LLaVA-1.5 model trained with it, converted to safetensors for "
@@ -66,7 +68,8 @@ def model_card(
         "",
         layout,
         "",
-        f"Converted from the original checkpoint `{source_name}` (LLaVA folder layout, vision tower from the stock CLIP "
+        f"Converted from the original checkpoint `{source_name}` (LLaVA folder layout, vision tower from the stock "
+        "CLIP "
         "checkpoint). The weights are unchanged; the embeddings and the head gained zero rows for the `<image>` and "
         "`<pad>` tokens, which generation never emits (`suppress_tokens`).",
         "",
@@ -77,10 +80,13 @@ def model_card(
         "from PIL import Image",
         "from transformers import AutoModelForImageTextToText, AutoProcessor",
         "",
-        f'model = AutoModelForImageTextToText.from_pretrained("{model_id}", trust_remote_code=True, dtype=torch.float16)',
+        "model = AutoModelForImageTextToText.from_pretrained(",
+        f'    "{model_id}", trust_remote_code=True, dtype=torch.float16',
+        ")",
         f'processor = AutoProcessor.from_pretrained("{model_id}", trust_remote_code=True)',
         "",
-        'messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is in the image?"}]}]',
+        'question = {"type": "text", "text": "What is in the image?"}',
+        'messages = [{"role": "user", "content": [{"type": "image"}, question]}]',
         "prompt = processor.apply_chat_template(messages, add_generation_prompt=True)",
         'inputs = processor(images=Image.open("photo.jpg"), text=prompt).to(model.device)',
         "output = model.generate(**inputs, max_new_tokens=128, do_sample=False)",

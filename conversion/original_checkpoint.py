@@ -6,7 +6,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import sentencepiece as spm
-import torch
 from transformers import CLIPVisionConfig
 
 from ..configuration import TokenPackerConfig
@@ -103,7 +102,9 @@ class LlavaCheckpoint:
             config["patch_num"] = int(config["patch_num"])  # the original reads it with int()
         projector_type = config.get("mm_projector_type")
         if projector_type != "tokenpacker":
-            found = "has no mm_projector_type" if projector_type is None else f"has mm_projector_type {projector_type!r}"
+            found = (
+                "has no mm_projector_type" if projector_type is None else f"has mm_projector_type {projector_type!r}"
+            )
             raise ValueError(f"{where} is not a TokenPacker LLaVA checkpoint: it {found}, expected 'tokenpacker'")
         missing = [field for field in REQUIRED_LLAMA_FIELDS + ("mm_vision_select_layer",) if field not in config]
         if missing:
@@ -122,7 +123,9 @@ class LlavaCheckpoint:
                 raise ValueError(f"{where}: {field} must be {expected}, got {value!r}")
         scale_factor = config.get("scale_factor")
         if isinstance(scale_factor, bool) or not isinstance(scale_factor, int) or scale_factor < 1:
-            raise ValueError(f"{where}: scale_factor must be a positive integer (2, 3 or 4 in the release), got {scale_factor!r}")
+            raise ValueError(
+                f"{where}: scale_factor must be a positive integer (2, 3 or 4 in the release), got {scale_factor!r}"
+            )
 
     @property
     def llama_config(self) -> dict:
@@ -138,9 +141,13 @@ def vision_tower_folder(vision_tower: str | Path) -> Path:
     from huggingface_hub import snapshot_download
 
     config = ["config.json"]
-    folder = Path(snapshot_download(str(vision_tower), allow_patterns=config + ["*.safetensors", "*.safetensors.index.json"]))
+    folder = Path(
+        snapshot_download(str(vision_tower), allow_patterns=config + ["*.safetensors", "*.safetensors.index.json"])
+    )
     if not any(folder.glob("*.safetensors")):
-        folder = Path(snapshot_download(str(vision_tower), allow_patterns=config + ["pytorch_model*.bin", "*.bin.index.json"]))
+        folder = Path(
+            snapshot_download(str(vision_tower), allow_patterns=config + ["pytorch_model*.bin", "*.bin.index.json"])
+        )
     return folder
 
 
@@ -165,8 +172,16 @@ def projector_widths(tensors: dict[str, TensorInfo], vision_size: int, text_size
     levels = len(ORIGINAL_MULTI_LEVEL_LAYERS)
     expectations = (
         ("q_proj_1.weight", (width, vision_size), "(projector width, vision hidden size)"),
-        ("k_proj_1.0.weight", (width, vision_size * levels), f"(projector width, vision hidden size x {levels} levels)"),
-        ("v_proj_1.0.weight", (width, vision_size * levels), f"(projector width, vision hidden size x {levels} levels)"),
+        (
+            "k_proj_1.0.weight",
+            (width, vision_size * levels),
+            f"(projector width, vision hidden size x {levels} levels)",
+        ),
+        (
+            "v_proj_1.0.weight",
+            (width, vision_size * levels),
+            f"(projector width, vision hidden size x {levels} levels)",
+        ),
         ("mlp.0.weight", (text_size, width), "(text hidden size, projector width)"),
         ("mlp.2.weight", (text_size, text_size), "(text hidden size, text hidden size)"),
     )
@@ -174,12 +189,14 @@ def projector_widths(tensors: dict[str, TensorInfo], vision_size: int, text_size
         shape = tensors[ORIGINAL_PROJECTOR + name].shape
         if shape != expected:
             raise ValueError(
-                f"{ORIGINAL_PROJECTOR + name} has shape {tuple(shape)}, expected {expected} {meaning} for a vision tower of "
+                f"{ORIGINAL_PROJECTOR + name} has shape {tuple(shape)}, expected {expected} {meaning} for a vision "
+                "tower of "
                 f"width {vision_size} and a language model of width {text_size}"
             )
     if width % ORIGINAL_PROJECTOR_HEADS != 0:
         raise ValueError(
-            f"The projector width {width} must be a multiple of the original's {ORIGINAL_PROJECTOR_HEADS} attention heads"
+            f"The projector width {width} must be a multiple of the original's {ORIGINAL_PROJECTOR_HEADS} attention "
+            "heads"
         )
     return width
 
@@ -226,17 +243,11 @@ def tokenpacker_config(
     )
 
 
-def source_dtype(tensors: dict[str, TensorInfo]) -> torch.dtype:
-    """The checkpoint's precision: that of its token embeddings."""
-    return tensors["model.embed_tokens.weight"].dtype
-
-
 __all__ = [
     "DEFAULT_VISION_TOWER",
     "LlavaCheckpoint",
     "SeparatorIds",
     "read_vision_config",
     "vision_tower_folder",
-    "source_dtype",
     "tokenpacker_config",
 ]

@@ -19,7 +19,9 @@ def parse_size(size: int | str) -> int:
         return size
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", str(size), flags=re.IGNORECASE)
     if isinstance(size, bool) or not match or float(match.group(1)) <= 0:
-        raise ValueError(f"max_shard_size must be a positive number of bytes or a size like '5GB' or '500MB', got {size!r}")
+        raise ValueError(
+            f"max_shard_size must be a positive number of bytes or a size like '5GB' or '500MB', got {size!r}"
+        )
     return int(float(match.group(1)) * _UNITS[(match.group(2) or "").upper()])
 
 

@@ -31,7 +31,9 @@ def original_projector_formula(
         return F.linear(x, weights[f"{name}.weight"], weights.get(f"{name}.bias"))
 
     def norm(x, name):
-        return F.layer_norm(x, x.shape[-1:], weights[f"{name}.weight"], weights[f"{name}.bias"], ORIGINAL_LAYER_NORM_EPS)
+        return F.layer_norm(
+            x, x.shape[-1:], weights[f"{name}.weight"], weights[f"{name}.bias"], ORIGINAL_LAYER_NORM_EPS
+        )
 
     def two_layer(x, name):
         return linear(F.gelu(linear(x, f"{name}.0")), f"{name}.2")

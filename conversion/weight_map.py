@@ -49,8 +49,12 @@ def llava_rules() -> tuple[Rule, ...]:
         Rule(r"^model\.mm_projector\.k_proj_1\.0\.(weight|bias)$", (_PROJECTOR + "key_proj.linear_1.\\1",), "key MLP"),
         Rule(r"^model\.mm_projector\.k_proj_1\.2\.(weight|bias)$", (_PROJECTOR + "key_proj.linear_2.\\1",), "key MLP"),
         Rule(r"^model\.mm_projector\.ln_k_1\.(weight|bias)$", (_PROJECTOR + "key_norm.\\1",), "key norm"),
-        Rule(r"^model\.mm_projector\.v_proj_1\.0\.(weight|bias)$", (_PROJECTOR + "value_proj.linear_1.\\1",), "value MLP"),
-        Rule(r"^model\.mm_projector\.v_proj_1\.2\.(weight|bias)$", (_PROJECTOR + "value_proj.linear_2.\\1",), "value MLP"),
+        Rule(
+            r"^model\.mm_projector\.v_proj_1\.0\.(weight|bias)$", (_PROJECTOR + "value_proj.linear_1.\\1",), "value MLP"
+        ),
+        Rule(
+            r"^model\.mm_projector\.v_proj_1\.2\.(weight|bias)$", (_PROJECTOR + "value_proj.linear_2.\\1",), "value MLP"
+        ),
         Rule(r"^model\.mm_projector\.ln_v_1\.(weight|bias)$", (_PROJECTOR + "value_norm.\\1",), "value norm"),
         Rule(
             r"^model\.mm_projector\.clip_attn\.in_proj_(weight|bias)$",

@@ -29,7 +29,13 @@ VISION = dict(
     hidden_act="quick_gelu",
 )
 CLIP_TEXT = dict(
-    hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=64, bos_token_id=0, eos_token_id=1
+    hidden_size=16,
+    intermediate_size=32,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    vocab_size=64,
+    bos_token_id=0,
+    eos_token_id=1,
 )
 TEXT = dict(
     hidden_size=64,
@@ -58,7 +64,9 @@ class OriginalRelease:
     checkpoint: Path
     vision_tower: Path
     llava_config: dict
-    language_model: dict[str, torch.Tensor]  # model.embed_tokens.weight, model.layers.*, model.norm.weight, lm_head.weight
+    language_model: dict[
+        str, torch.Tensor
+    ]  # model.embed_tokens.weight, model.layers.*, model.norm.weight, lm_head.weight
     projector: OriginalTokenPacker
     clip: dict[str, torch.Tensor] = field(default_factory=dict)  # the CLIP folder's tensors
 
@@ -89,7 +97,13 @@ def write_clip_checkpoint(folder: Path, layout: str = "clip_model", weights: str
     state["text_model.embeddings.position_ids"] = torch.arange(config.text_config.max_position_embeddings)[None]
     if layout == "vision_model":
         vision = CLIPVisionModel(config.vision_config)
-        vision.load_state_dict({k.removeprefix("vision_model."): v for k, v in state.items() if k.startswith("vision_model.") and "position_ids" not in k})
+        vision.load_state_dict(
+            {
+                k.removeprefix("vision_model."): v
+                for k, v in state.items()
+                if k.startswith("vision_model.") and "position_ids" not in k
+            }
+        )
         state = {name: tensor.contiguous() for name, tensor in vision.state_dict().items()}
         config = config.vision_config
     config.save_pretrained(folder)
@@ -153,7 +167,9 @@ def _write_shards(folder: Path, state: dict[str, torch.Tensor], weights: str, sh
             save_file(part, folder / file, metadata={"format": "pt"})
         weight_map.update((name, file) for name in group)
     total = sum(t.numel() * t.element_size() for t in state.values())
-    (folder / index_name).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    (folder / index_name).write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+    )
 
 
 def write_original_release(
@@ -185,7 +201,8 @@ def write_original_release(
     ).randomize(seed + 2)
     projector = projector.to(dtype)
 
-    # LlavaLlamaForCausalLM's state dict order: model.embed_tokens, model.layers.*, model.norm, model.mm_projector.*, lm_head
+    # LlavaLlamaForCausalLM's state dict order:
+    # model.embed_tokens, model.layers.*, model.norm, model.mm_projector.*, lm_head
     state = {name: tensor for name, tensor in language_model.items() if name != "lm_head.weight"}
     if legacy_buffers:
         head_dim = TEXT["hidden_size"] // TEXT["num_attention_heads"]

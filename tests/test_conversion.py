@@ -3,6 +3,7 @@ weights (stock CLIP -> original projector formula -> plain Llama), the folder's 
 
 import json
 import runpy
+import shlex
 import shutil
 import sys
 from importlib.metadata import entry_points
@@ -12,9 +13,13 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 import torch
+from huggingface_hub import HfApi, snapshot_download
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
+from tokenpacker.conversion import convert as convert_module
+from tokenpacker.conversion import convert_checkpoint, original_projector_formula
+from tokenpacker.conversion.convert import main
 from transformers import (
     AutoModelForImageTextToText,
     AutoProcessor,
@@ -26,17 +31,15 @@ from transformers import (
 )
 
 from tokenpacker import TokenPackerForConditionalGeneration
-from tokenpacker.conversion import convert_checkpoint, original_projector_formula
-from tokenpacker.conversion import convert as convert_module
-from tokenpacker.conversion.convert import main
-from tokenpacker.conversion.original_checkpoint import vision_tower_folder
 
+from .hub_server import HubServer, point_huggingface_hub_at
 from .original_checkpoints import GRID, TEXT, VOCAB, clip_config, write_original_release
 from .reference import OriginalTokenPacker
 from .remote_process import run_without_tokenpacker
 
 IMAGE = -200  # where an image goes in a prompt, like the original's IMAGE_TOKEN_INDEX
 IMAGE_TOKEN_ID, PAD_TOKEN_ID = VOCAB, VOCAB + 1
+HUB_TOKEN = "hf_alice_write_token"
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +47,9 @@ def pad_release(tmp_path_factory):
     """A 'pad' (LLaVA-1.5) checkpoint in 3 pytorch_model-*.bin shards, scale factor 2, converted once."""
     root = tmp_path_factory.mktemp("pad")
     release = write_original_release(root, image_aspect_ratio="pad", scale_factor=2, weights="bin", shards=3)
-    result = convert_checkpoint(release.checkpoint, root / "converted", vision_tower=release.vision_tower, max_shard_size="200KB")
+    result = convert_checkpoint(
+        release.checkpoint, root / "converted", vision_tower=release.vision_tower, max_shard_size="200KB"
+    )
     return release, result
 
 
@@ -60,7 +65,8 @@ def slice_release(tmp_path_factory):
 
 
 def separator_ids(release):
-    """The original's ids for ',' and '\\n': the slow tokenizer's convert_tokens_to_ids is sentencepiece's piece_to_id."""
+    """The original's ids for ',' and '\\n': the slow tokenizer's convert_tokens_to_ids, i.e. sentencepiece's
+    piece_to_id."""
     processor = spm.SentencePieceProcessor(model_file=str(release.checkpoint / "tokenizer.model"))
     return processor.piece_to_id(","), processor.piece_to_id("\n")
 
@@ -163,7 +169,10 @@ def test_converted_processor_to_logits_end_to_end_for_an_hd_image(slice_release)
     # The original's tokenizer_image_token: every chunk tokenized on its own, only the first keeps its BOS.
     original = spm.SentencePieceProcessor(model_file=str(release.checkpoint / "tokenizer.model"))
     prompt = [1] + original.encode(chunks[0]) + [IMAGE] + original.encode(chunks[1])
-    assert inputs["input_ids"].tolist() == converted_input_ids(prompt, grids, "slice", 16, *separator_ids(release)).tolist()
+    assert (
+        inputs["input_ids"].tolist()
+        == converted_input_ids(prompt, grids, "slice", 16, *separator_ids(release)).tolist()
+    )
     model = AutoModelForImageTextToText.from_pretrained(result.output).eval()
     with torch.no_grad():
         logits = model(**inputs).logits
@@ -196,7 +205,9 @@ def test_the_converted_model_loads_with_remote_code_where_tokenpacker_is_absent(
 
 
 def test_config_records_the_original_settings(pad_release, slice_release):
-    for (release, result), (mode, scale, slices) in zip((pad_release, slice_release), (("pad", 2, 9), ("slice", 3, 16))):
+    for (release, result), (mode, scale, slices) in zip(
+        (pad_release, slice_release), (("pad", 2, 9), ("slice", 3, 16))
+    ):
         config = json.loads((result.output / "config.json").read_text())
         assert config["model_type"] == "tokenpacker"
         assert (config["image_aspect_ratio"], config["scale_factor"], config["max_slices"]) == (mode, scale, slices)
@@ -269,13 +280,16 @@ def test_weights_are_the_sources_renamed_split_and_grown(pad_release):
     layers = {name.split(".")[4] for name in tensors if name.startswith("model.vision_tower.encoder.layers.")}
     assert layers == {str(i) for i in range(23)}  # the 24th layer feeds no hidden state the projector reads
     assert torch.equal(
-        tensors["model.vision_tower.encoder.layers.22.mlp.fc1.weight"], release.clip["vision_model.encoder.layers.22.mlp.fc1.weight"]
+        tensors["model.vision_tower.encoder.layers.22.mlp.fc1.weight"],
+        release.clip["vision_model.encoder.layers.22.mlp.fc1.weight"],
     )
     assert not any("text_model" in name or "projection" in name or "logit_scale" in name for name in tensors)
 
 
 def test_half_precision_checkpoint_stays_half_and_the_tower_is_cast(tmp_path):
-    release = write_original_release(tmp_path, dtype=torch.float16, weights="safetensors", shards=1, legacy_buffers=False)
+    release = write_original_release(
+        tmp_path, dtype=torch.float16, weights="safetensors", shards=1, legacy_buffers=False
+    )
     result = convert_checkpoint(release.checkpoint, tmp_path / "out", vision_tower=release.vision_tower)
     tensors = read_folder(result.output)
     assert {tensor.dtype for tensor in tensors.values()} == {torch.float16}
@@ -285,7 +299,9 @@ def test_half_precision_checkpoint_stays_half_and_the_tower_is_cast(tmp_path):
     assert 0 < result.report.groups["vision tower"].max_abs_difference < 1e-3  # rounding to float16
     assert result.report.groups["language model"].max_abs_difference == 0
     assert json.loads((result.output / "config.json").read_text())["dtype"] == "float16"
-    bf16 = convert_checkpoint(release.checkpoint, tmp_path / "bf16", vision_tower=release.vision_tower, dtype="bfloat16")
+    bf16 = convert_checkpoint(
+        release.checkpoint, tmp_path / "bf16", vision_tower=release.vision_tower, dtype="bfloat16"
+    )
     assert {tensor.dtype for tensor in read_folder(bf16.output).values()} == {torch.bfloat16}
 
 
@@ -325,7 +341,14 @@ def test_model_card_metadata_and_command(pad_release):
 def test_cli_prints_the_verification_report(tmp_path, pad_release, capsys):
     release, _ = pad_release
     output = tmp_path / "out"
-    argv = ["--checkpoint", str(release.checkpoint), "--vision-tower", str(release.vision_tower), "--output", str(output)]
+    argv = [
+        "--checkpoint",
+        str(release.checkpoint),
+        "--vision-tower",
+        str(release.vision_tower),
+        "--output",
+        str(output),
+    ]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "language model     21 tensors from float32  max |converted - source| = 0" in printed
@@ -357,31 +380,35 @@ def test_the_verification_formula_matches_the_reference_projector(scale_factor):
         torch.testing.assert_close(ours, original(x, x_multi), atol=1e-5, rtol=1e-5)
 
 
-def test_a_hub_vision_tower_is_downloaded_preferring_safetensors(tmp_path, monkeypatch):
-    import huggingface_hub
-
-    with_bin, config_only = tmp_path / "with_bin", tmp_path / "config_only"
-    for folder in (with_bin, config_only):
-        folder.mkdir()
-        (folder / "config.json").write_text("{}")
-    (with_bin / "pytorch_model.bin").write_bytes(b"")
-    calls = []
-
-    def fake_snapshot_download(repo_id, allow_patterns):
-        calls.append((repo_id, allow_patterns))
-        return str(config_only if "*.safetensors" in allow_patterns else with_bin)
-
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
-    assert vision_tower_folder("openai/clip-vit-large-patch14-336") == with_bin
-    assert [repo for repo, _ in calls] == ["openai/clip-vit-large-patch14-336"] * 2
-    assert "config.json" in calls[0][1] and "*.safetensors" in calls[0][1] and "pytorch_model*.bin" in calls[1][1]
+def test_hub_vision_tower_and_push_to_hub(pad_release, tmp_path, monkeypatch, capsys):
+    release, local = pad_release
+    with HubServer(tokens={HUB_TOKEN: "alice"}, organizations={"openai": {"alice"}}) as hub:
+        point_huggingface_hub_at(monkeypatch, hub.endpoint, tmp_path / "hf_home")
+        monkeypatch.setenv("HF_TOKEN", HUB_TOKEN)
+        api = HfApi(endpoint=hub.endpoint, token=HUB_TOKEN)
+        api.create_repo("openai/clip-tiny")
+        api.upload_folder(folder_path=release.vision_tower, repo_id="openai/clip-tiny")  # pytorch_model.bin only
+        output = tmp_path / "out"
+        argv = ["--checkpoint", str(release.checkpoint), "--vision-tower", "openai/clip-tiny", "--output", str(output)]
+        assert main([*argv, "--push-to-hub", "alice/TokenPacker-tiny"]) == 0
+        assert "Published to alice/TokenPacker-tiny" in capsys.readouterr().out
+        published = Path(snapshot_download("alice/TokenPacker-tiny", cache_dir=tmp_path / "download"))
+    ours, reference = read_folder(output), read_folder(local.output)
+    assert ours.keys() == reference.keys() and all(torch.equal(ours[name], reference[name]) for name in ours)
+    files = {path.name: path.read_bytes() for path in output.iterdir()}
+    assert {path.name: path.read_bytes() for path in published.iterdir() if path.name != ".gitattributes"} == files
+    card = files["README.md"].decode()
+    assert '"alice/TokenPacker-tiny", trust_remote_code=True' in card
+    assert f"tokenpacker-convert {shlex.join(argv)} --push-to-hub alice/TokenPacker-tiny" in card
 
 
 # Failures: each gives a clear error and leaves the output's parent folder exactly as it was.
 
 
 def snapshot(folder: Path):
-    return sorted((str(path.relative_to(folder)), path.stat().st_size if path.is_file() else -1) for path in folder.rglob("*"))
+    return sorted(
+        (str(path.relative_to(folder)), path.stat().st_size if path.is_file() else -1) for path in folder.rglob("*")
+    )
 
 
 def copy_release(release, tmp_path):
@@ -412,7 +439,8 @@ BROKEN = {
     "missing shard": (
         lambda c: (c / "pytorch_model-00003-of-00003.bin").unlink(),
         FileNotFoundError,
-        r"index .*pytorch_model\.bin\.index\.json names shards that are not in .*: \['pytorch_model-00003-of-00003\.bin'\]",
+        r"index .*pytorch_model\.bin\.index\.json names shards that are not in .*: "
+        r"\['pytorch_model-00003-of-00003\.bin'\]",
     ),
     "mlp projector": (
         lambda c: edit_config(c, mm_projector_type="mlp2x_gelu"),
@@ -485,7 +513,9 @@ def test_missing_and_unexpected_tensors_are_listed(tmp_path, pad_release):
     removed = "model.layers.1.mlp.up_proj.weight"
     rewrite_shard(checkpoint, shard_of(checkpoint, removed), lambda state: state.pop(removed))
     extra = "model.mm_projector.extra_query"
-    rewrite_shard(checkpoint, shard_of(checkpoint, "lm_head.weight"), lambda state: state.update({extra: torch.zeros(3)}))
+    rewrite_shard(
+        checkpoint, shard_of(checkpoint, "lm_head.weight"), lambda state: state.update({extra: torch.zeros(3)})
+    )
     before = snapshot(tmp_path)
     with pytest.raises(ValueError) as caught:
         convert_checkpoint(checkpoint, tmp_path / "out", vision_tower=release.vision_tower)
@@ -534,6 +564,8 @@ def test_a_verification_failure_leaves_the_existing_output_and_nothing_else(tmp_
         add(self, name, tensor)
 
     monkeypatch.setattr(convert_module.ShardWriter, "add", corrupting_add)
-    with pytest.raises(ValueError, match=r"Verification failed: \['model\.multi_modal_projector\.attention\.q_proj\.bias', "):
+    with pytest.raises(
+        ValueError, match=r"Verification failed: \['model\.multi_modal_projector\.attention\.q_proj\.bias', "
+    ):
         convert_checkpoint(release.checkpoint, output, vision_tower=release.vision_tower, force=True)
     assert snapshot(tmp_path) == before
