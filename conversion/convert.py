@@ -23,7 +23,7 @@ from ..configuration import TokenPackerConfig
 from ..configuration.configuration_tokenpacker import write_remote_code
 from ..modeling import TokenPackerForConditionalGeneration
 from ..processing import TokenPackerProcessor
-from .checkpoint_files import CheckpointFiles, TensorInfo
+from .checkpoint_files import CheckpointFiles, ShardContents, TensorInfo
 from .model_card import model_card
 from .original_checkpoint import (
     DEFAULT_VISION_TOWER,
@@ -138,8 +138,9 @@ def converted_tensors(step: PlannedTensor, tensor: torch.Tensor, dtype: torch.dt
 
 
 def write_weights(
-    plan: list[PlannedTensor], folder: Path, dtype, added_rows: int, max_shard_size: int
+    plan: list[PlannedTensor], folder: Path, dtype: torch.dtype, added_rows: int, max_shard_size: int
 ) -> dict[str, str]:
+    """Converts the planned tensors shard by shard; returns the weight map (tensor name -> file name)."""
     writer = ShardWriter(folder, max_shard_size)
     for files, shard, steps in by_shard(plan):
         logger.info("Converting %s", shard)
@@ -152,7 +153,9 @@ def write_weights(
     return writer.finish()
 
 
-def verify_tensor(step: PlannedTensor, contents, reader: ShardReader, dtype: torch.dtype, report: VerificationReport):
+def verify_tensor(
+    step: PlannedTensor, contents: ShardContents, reader: ShardReader, dtype: torch.dtype, report: VerificationReport
+):
     """Checks the targets of one source tensor (exact equality with the source cast to `dtype`, zero new rows) and
     records the difference to the uncast source. Holds no tensor after returning: they map whole files."""
     source, targets = contents.get(step.mapped.name), step.mapped.targets
@@ -290,7 +293,7 @@ class PreparedConversion:
     tokenizer: PreTrainedTokenizerFast
     plan: list[PlannedTensor]
     dtype: torch.dtype
-    added_rows: int
+    new_tokens: tuple[str, ...]  # appended to the original vocabulary: <image>, <pad>
 
 
 def original_tokenizer(original: LlavaCheckpoint, embedding_rows: int | None) -> PreTrainedTokenizerFast:
@@ -331,16 +334,16 @@ def prepare_conversion(
         separators=SeparatorIds.from_sentencepiece(original.tokenizer_model),
     )
     config.dtype = dtype or embeddings.dtype  # by default the checkpoint's own precision
-    added_rows = len(tokenizer) - embeddings.shape[0]
+    new_tokens = tuple(tokenizer.convert_ids_to_tokens(list(range(embeddings.shape[0], len(tokenizer)))))
     plan = plan_conversion(
         [(LLAVA, original.files, llava_tensors), (CLIP, vision_files, vision_tensors)],
         WeightMap(config.num_vision_layers_used),
         expected_parameters(config),
-        added_rows,
+        len(new_tokens),
     )
     for reason, count in dropped_counts(plan).items():
         logger.info("Dropping %d tensor(s): %s", count, reason)
-    return PreparedConversion(original, config, tokenizer, plan, config.dtype, added_rows)
+    return PreparedConversion(original, config, tokenizer, plan, config.dtype, new_tokens)
 
 
 def convert_checkpoint(
@@ -382,7 +385,7 @@ def convert_checkpoint(
 
     folder = OutputFolder(output)
     try:
-        weight_map = write_weights(plan, folder.path, prepared.dtype, prepared.added_rows, shard_bytes)
+        weight_map = write_weights(plan, folder.path, prepared.dtype, len(prepared.new_tokens), shard_bytes)
         config.save_pretrained(folder.path)
         model_class = TokenPackerForConditionalGeneration
         write_remote_code(folder.path, model_class.__module__, model_class.remote_code_auto_map)
@@ -391,10 +394,7 @@ def convert_checkpoint(
         TokenPackerProcessor.from_model_config(config, prepared.tokenizer).save_pretrained(folder.path)
         report = None
         if verify:
-            new_tokens = tuple(
-                prepared.tokenizer.convert_ids_to_tokens(list(range(config.image_token_id, len(prepared.tokenizer))))
-            )
-            report = verify_weights(plan, folder.path, weight_map, config, prepared.dtype, new_tokens)
+            report = verify_weights(plan, folder.path, weight_map, config, prepared.dtype, prepared.new_tokens)
         card = model_card(
             config,
             model_id=push_to_hub or output.name,

@@ -91,7 +91,7 @@ def clip_rules(num_layers_used: int) -> tuple[Rule, ...]:
         Rule(
             vision + r"encoder\.layers\.\d+\.",
             (),
-            f"encoder layers past the deepest hidden state the projector reads (layer {num_layers_used})",
+            f"encoder layers {num_layers_used} and later (from 0), whose outputs the projector never reads",
         ),
         Rule(vision + r"(post_layernorm\..+)$", ("model.vision_tower.\\1",), "post-encoder norm"),
         Rule(r"^text_model\.", (), "CLIP text tower"),

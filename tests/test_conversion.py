@@ -270,7 +270,7 @@ def test_weights_are_the_sources_renamed_split_and_grown(pad_release):
     assert torch.equal(tensors[prefix + "attention.q_proj.weight"], q)
     assert torch.equal(tensors[prefix + "attention.k_proj.weight"], k)
     assert torch.equal(tensors[prefix + "attention.v_proj.weight"], v)
-    assert torch.equal(tensors[prefix + "attention.v_proj.bias"], projector["clip_attn.in_proj_bias"][96:])
+    assert torch.equal(tensors[prefix + "attention.v_proj.bias"], projector["clip_attn.in_proj_bias"].chunk(3)[2])
     assert torch.equal(tensors[prefix + "key_proj.linear_2.weight"], projector["k_proj_1.2.weight"])
     assert torch.equal(tensors[prefix + "output_proj.linear_1.bias"], projector["mlp.0.bias"])
     embeddings = tensors["model.language_model.embed_tokens.weight"]
@@ -353,7 +353,7 @@ def test_cli_prints_the_verification_report(tmp_path, pad_release, capsys):
     printed = capsys.readouterr().out
     assert "language model     21 tensors from float32  max |converted - source| = 0" in printed
     assert "vision tower      375 tensors from float32" in printed
-    assert "dropped    16 source tensors: encoder layers past the deepest hidden state" in printed
+    assert "dropped    16 source tensors: encoder layers 23 and later (from 0), whose outputs the projector" in printed
     assert "projector vs the original formula" in printed
     assert f"tokenpacker-convert {' '.join(argv)}" in (output / "README.md").read_text()
     assert main(argv) == 1
