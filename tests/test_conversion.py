@@ -221,13 +221,19 @@ def test_config_records_the_original_settings(pad_release, slice_release):
         assert config["dtype"] == "float32"
 
 
-def test_tokenizer_and_generation_config(pad_release):
+def test_tokenizer_chat_template_and_generation_config(pad_release):
     release, result = pad_release
     tokenizer = AutoTokenizer.from_pretrained(result.output)
     original = spm.SentencePieceProcessor(model_file=str(release.checkpoint / "tokenizer.model"))
     for text in ("what colour is the square?", "\nUSER: how many shapes, left or right"):
         assert tokenizer(text).input_ids == [1] + original.encode(text)
     assert tokenizer.convert_tokens_to_ids(["<image>", "<pad>"]) == [IMAGE_TOKEN_ID, PAD_TOKEN_ID]
+    # The original's conv_vicuna_v1 (llava/conversation.py), with the image first in the user's turn.
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is this?"}]}]
+    assert AutoProcessor.from_pretrained(result.output).apply_chat_template(messages, add_generation_prompt=True) == (
+        "A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
+        "detailed, and polite answers to the user's questions. USER: <image>\nWhat is this? ASSISTANT:"
+    )
     generation = GenerationConfig.from_pretrained(result.output)
     assert generation.suppress_tokens == [IMAGE_TOKEN_ID, PAD_TOKEN_ID]
     assert (generation.bos_token_id, generation.eos_token_id, generation.pad_token_id) == (1, 2, PAD_TOKEN_ID)
