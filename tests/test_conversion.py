@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 from tokenpacker.conversion import convert as convert_module
 from tokenpacker.conversion import convert_checkpoint, original_projector_formula
 from tokenpacker.conversion.convert import main
+from tokenpacker.conversion.publish import publish_folder
 from transformers import (
     AutoModelForImageTextToText,
     AutoProcessor,
@@ -32,7 +33,7 @@ from transformers import (
 
 from tokenpacker import TokenPackerForConditionalGeneration
 
-from .hub_server import HubServer, point_huggingface_hub_at
+from .hub_server import HubServer, hub_environment, point_huggingface_hub_at
 from .original_checkpoints import GRID, TEXT, VOCAB, clip_config, write_original_release
 from .reference import OriginalTokenPacker
 from .remote_process import run_without_tokenpacker
@@ -575,3 +576,35 @@ def test_a_verification_failure_leaves_the_existing_output_and_nothing_else(tmp_
     ):
         convert_checkpoint(release.checkpoint, output, vision_tower=release.vision_tower, force=True)
     assert snapshot(tmp_path) == before
+
+
+def test_a_converted_fixture_published_to_the_hub_answers_the_same_without_tokenpacker(pad_release, tmp_path, monkeypatch):
+    release, local = pad_release
+    image = Image.linear_gradient("L").resize((640, 480)).convert("RGB")
+    image.save(tmp_path / "image.png")
+    prompt = "USER: <image>\nWhat is in the image? ASSISTANT:"
+    processor = AutoProcessor.from_pretrained(local.output)
+    model = AutoModelForImageTextToText.from_pretrained(local.output).eval()
+    expected = model.generate(**processor(images=[image], text=prompt), max_new_tokens=6, do_sample=False)
+    with HubServer(tokens={HUB_TOKEN: "alice"}) as hub:
+        point_huggingface_hub_at(monkeypatch, hub.endpoint, tmp_path / "hf_home")
+        publish_folder(local.output, "alice/TokenPacker-tiny", token=HUB_TOKEN, endpoint=hub.endpoint)
+        published = Path(snapshot_download("alice/TokenPacker-tiny", cache_dir=tmp_path / "download"))
+        remote = run_without_tokenpacker(
+            f"""
+            import json
+            from PIL import Image
+            from transformers import AutoModelForImageTextToText, AutoProcessor
+            processor = AutoProcessor.from_pretrained("alice/TokenPacker-tiny", trust_remote_code=True)
+            model = AutoModelForImageTextToText.from_pretrained("alice/TokenPacker-tiny", trust_remote_code=True)
+            inputs = processor(images=[Image.open("image.png").convert("RGB")], text={prompt!r})
+            ids = model.eval().generate(**inputs, max_new_tokens=6, do_sample=False)
+            print(json.dumps({{"model": type(model).__module__, "ids": ids.tolist()}}))
+            """,
+            tmp_path,
+            **hub_environment(hub.endpoint, tmp_path / "fresh_home", HUB_TOKEN),
+        )
+    files = {path.name: path.read_bytes() for path in local.output.iterdir()}
+    assert {path.name: path.read_bytes() for path in published.iterdir() if path.name != ".gitattributes"} == files
+    assert remote["model"].startswith("transformers_modules.")
+    assert remote["ids"] == expected.tolist()
