@@ -71,6 +71,16 @@ def test_the_tower_runs_only_the_layers_the_projector_reads():
     assert len(model.model.vision_tower.encoder.layers) == 5
 
 
+def test_the_tower_keeps_only_the_hidden_states_the_projector_reads():
+    model, _ = build()
+    outputs = []
+    model.model.vision_tower.register_forward_hook(lambda module, args, output: outputs.append(output))
+    with torch.no_grad():
+        model.model.get_image_features(torch.randn(2, 3, 336, 336))
+    kept = [index for index, state in enumerate(outputs[0].hidden_states) if state is not None]
+    assert kept == [2, 3, 4, 5]  # the multi-level layers; the query layer (-2 of 7 states) is 5
+
+
 def test_several_crops_and_images_per_sample_and_samples_without_image():
     model, original = build()
     rows = [
