@@ -40,17 +40,22 @@ def remote_code_sources(module_name: str) -> dict[str, str]:
 def write_remote_code(save_directory, module_name: str, auto_map: dict[str, dict[str, str]]) -> None:
     """Writes the flat code of `module_name` into `save_directory` and adds `auto_map` entries to its JSON files.
 
-    `auto_map` maps a JSON file name (config.json, processor_config.json...) to the Auto classes it should name;
-    files that the save did not write are left alone.
+    `auto_map` maps a JSON file name (config.json, processor_config.json...), or a file name and one of its sections
+    ("processor_config.json/image_processor"), to the Auto classes it should name; what the save did not write is
+    left alone.
     """
     save_directory = Path(save_directory)
     for file_name, source in remote_code_sources(module_name).items():
         (save_directory / file_name).write_text(source, encoding="utf-8")
-    for file_name, entries in auto_map.items():
+    for location, entries in auto_map.items():
+        file_name, _, section = location.partition("/")
         path = save_directory / file_name
-        if path.is_file():
-            content = json.loads(path.read_text(encoding="utf-8"))
-            content["auto_map"] = {**content.get("auto_map", {}), **entries}
+        if not path.is_file():
+            continue
+        content = json.loads(path.read_text(encoding="utf-8"))
+        target = content.get(section) if section else content
+        if isinstance(target, dict):
+            target["auto_map"] = {**target.get("auto_map", {}), **entries}
             path.write_text(json.dumps(content, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 

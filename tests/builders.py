@@ -1,6 +1,7 @@
 """Tiny models, built locally, for tests."""
 
 from tokenpacker import TokenPackerConfig
+from tokenpacker.conversion import train_llama_sentencepiece
 
 IMAGE_TOKEN_ID = 120
 
@@ -55,31 +56,49 @@ TRAINING_WORDS = (
 
 def train_sentencepiece(path, vocab_size=400):
     """Trains a LLaMA-style sentencepiece model (BPE, byte fallback, unk 0, bos 1, eos 2) in well under a second."""
-    import io
     import random
-
-    import sentencepiece as spm
 
     rng = random.Random(0)
     lines = [" ".join(rng.choice(TRAINING_WORDS) for _ in range(12)) + rng.choice(",.?") for _ in range(2000)]
-    model = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines),
-        model_writer=model,
-        vocab_size=vocab_size,
-        model_type="bpe",
-        byte_fallback=True,
-        unk_id=0,
-        bos_id=1,
-        eos_id=2,
-        pad_id=-1,
-        add_dummy_prefix=True,
-        normalization_rule_name="identity",
-        remove_extra_whitespaces=False,
-        split_digits=True,
-        allow_whitespace_only_pieces=True,
-        character_coverage=1.0,
-        minloglevel=2,
+    return train_llama_sentencepiece(path, lines, vocab_size)
+
+
+CHAT_IMAGE_TOKEN_ID = 400  # the 400 sentencepiece pieces, then <image> (400) and <pad> (401)
+CHAT_PAD_TOKEN_ID = 401
+
+
+def tiny_chat_config(model_file, image_aspect_ratio="pad", **overrides):
+    """`tiny_config` on the tokenizer of `train_sentencepiece`: vocab 402, HD separator ids from the model file."""
+    import sentencepiece as spm
+
+    pieces = spm.SentencePieceProcessor(model_file=str(model_file))
+    settings = dict(
+        text=dict(vocab_size=pieces.get_piece_size() + 2, pad_token_id=CHAT_PAD_TOKEN_ID),
+        image_token_id=CHAT_IMAGE_TOKEN_ID,
+        slice_separator_token_id=pieces.piece_to_id(","),
+        row_separator_token_id=pieces.piece_to_id("\n"),
+        image_aspect_ratio=image_aspect_ratio,
     )
-    path.write_bytes(model.getvalue())
-    return path
+    settings.update(overrides)
+    return tiny_config(**settings)
+
+
+def tiny_processor(folder, image_aspect_ratio="pad"):
+    """A TokenPackerProcessor (36 tokens per crop); its sentencepiece model goes to `folder / "tokenizer.model"`."""
+    from tokenpacker import TokenPackerProcessor
+    from tokenpacker.conversion import fast_tokenizer_from_sentencepiece
+
+    model_file = train_sentencepiece(folder / "tokenizer.model")
+    config = tiny_chat_config(model_file, image_aspect_ratio)
+    return TokenPackerProcessor.from_model_config(config, fast_tokenizer_from_sentencepiece(model_file))
+
+
+def tiny_checkpoint_folder(folder, image_aspect_ratio="pad"):
+    """Saves a tiny random TokenPackerForConditionalGeneration and its processor in `folder`, like a Hub folder."""
+    import torch
+
+    from tokenpacker.demo import save_random_checkpoint
+
+    torch.manual_seed(0)  # the same weights whatever ran before
+    model_file = train_sentencepiece(folder / "tokenizer.model")
+    return save_random_checkpoint(folder, tiny_chat_config(model_file, image_aspect_ratio), model_file)

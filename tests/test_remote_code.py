@@ -11,7 +11,7 @@ from transformers import AutoConfig, AutoModelForImageTextToText
 
 from tokenpacker import TokenPackerConfig, TokenPackerForConditionalGeneration
 
-from .builders import IMAGE_TOKEN_ID, tiny_config
+from .builders import IMAGE_TOKEN_ID, tiny_checkpoint_folder, tiny_config
 from .remote_process import run_without_tokenpacker
 
 REMOTE_FILES = {"configuration_tokenpacker.py", "modeling_tokenpacker.py"}
@@ -48,7 +48,8 @@ def test_saved_folder_holds_weights_configs_and_flat_code_only(tmp_path):
 
 def test_exported_code_imports_only_transformers_torch_and_itself(tmp_path):
     saved_model(tmp_path)
-    allowed = {"transformers", "torch", *sys.stdlib_module_names}
+    allowed = {"transformers", "torch", *sys.stdlib_module_names}  # and what transformers itself depends on:
+    allowed |= {"numpy", "PIL", "huggingface_hub"}
     for name in REMOTE_FILES:
         tree = ast.parse((tmp_path / name).read_text())
         for node in ast.walk(tree):
@@ -156,3 +157,75 @@ def test_an_original_llava_layout_folder_points_to_the_converter(tmp_path):
     for load in (TokenPackerConfig.from_pretrained, TokenPackerForConditionalGeneration.from_pretrained):
         with pytest.raises(ValueError, match="original TokenPacker checkpoint in the LLaVA folder layout.*tokenpacker-convert"):
             load(tmp_path)
+
+
+CHECKPOINT_FILES = {
+    "config.json",
+    "generation_config.json",
+    "model.safetensors",
+    "processor_config.json",
+    "chat_template.jinja",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "configuration_tokenpacker.py",
+    "modeling_tokenpacker.py",
+    "image_processing_tokenpacker.py",
+    "processing_tokenpacker.py",
+}
+
+
+def test_model_processor_and_pipeline_load_and_answer_without_tokenpacker(tmp_path):
+    from PIL import Image
+    from transformers import AutoProcessor, pipeline
+
+    (tmp_path / "checkpoint").mkdir()
+    folder = tiny_checkpoint_folder(tmp_path / "checkpoint", image_aspect_ratio="slice")
+    assert {path.name for path in folder.iterdir()} == CHECKPOINT_FILES
+    processor_config = json.loads((folder / "processor_config.json").read_text())
+    assert processor_config["auto_map"]["AutoProcessor"] == "processing_tokenpacker.TokenPackerProcessor"
+    assert processor_config["image_processor"]["auto_map"]["AutoImageProcessor"] == (
+        "image_processing_tokenpacker.TokenPackerImageProcessor"
+    )
+    tokenizer_config = json.loads((folder / "tokenizer_config.json").read_text())
+    assert tokenizer_config["auto_map"] == {"AutoProcessor": "processing_tokenpacker.TokenPackerProcessor"}
+
+    image = Image.linear_gradient("L").resize((700, 400)).convert("RGB")
+    image.save(tmp_path / "image.png")
+    messages = [
+        {"role": "user", "content": [{"type": "image", "url": str(tmp_path / "image.png")}, {"type": "text", "text": "What is it?"}]}
+    ]
+    processor = AutoProcessor.from_pretrained(folder)
+    model = AutoModelForImageTextToText.from_pretrained(folder).eval()
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    inputs = processor(images=[image], text=prompt)
+    expected_ids = model.generate(**inputs, max_new_tokens=6, do_sample=False)
+    expected_answer = pipeline("image-text-to-text", model=folder)(text=messages, max_new_tokens=6)
+
+    remote = run_without_tokenpacker(
+        f"""
+        import json
+        from PIL import Image
+        from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoProcessor, pipeline
+        folder = {str(folder)!r}
+        messages = {messages!r}
+        processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+        image_processor = AutoImageProcessor.from_pretrained(folder, trust_remote_code=True)
+        model = AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True).eval()
+        prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+        inputs = processor(images=[Image.open("image.png").convert("RGB")], text=prompt)
+        ids = model.generate(**inputs, max_new_tokens=6, do_sample=False)
+        answer = pipeline("image-text-to-text", model=folder, trust_remote_code=True)(text=messages, max_new_tokens=6)
+        print(json.dumps({{
+            "classes": [type(o).__module__.split(".")[0] for o in (processor, image_processor, model)],
+            "tokenizer": type(processor.tokenizer).__name__,
+            "ids": ids.tolist(),
+            "answer": answer[0]["generated_text"][-1]["content"],
+        }}))
+        """,
+        tmp_path,
+    )
+    assert remote["classes"] == ["transformers_modules"] * 3
+    assert remote["tokenizer"] == "TokenizersBackend"
+    assert remote["ids"] == expected_ids.tolist()
+    assert remote["answer"] == expected_answer[0]["generated_text"][-1]["content"]

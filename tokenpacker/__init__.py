@@ -1,6 +1,6 @@
 """TokenPacker for transformers: the visual projector of arXiv 2407.02392 as a Hub-native model."""
 
-from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForImageTextToText
+from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForImageTextToText, AutoProcessor
 
 from .configuration import TokenPackerConfig
 from .modeling import (
@@ -9,7 +9,7 @@ from .modeling import (
     TokenPackerPreTrainedModel,
     TokenPackerProjector,
 )
-from .processing import TokenPackerImageProcessor
+from .processing import TokenPackerImageProcessor, TokenPackerProcessor
 
 __version__ = "0.1.0"
 
@@ -19,6 +19,7 @@ AutoModelForImageTextToText.register(TokenPackerConfig, TokenPackerForConditiona
 AutoImageProcessor.register(
     TokenPackerConfig, image_processor_classes={"pil": TokenPackerImageProcessor}, exist_ok=True
 )
+AutoProcessor.register(TokenPackerConfig, TokenPackerProcessor, exist_ok=True)
 
 __all__ = [
     "TokenPackerConfig",
@@ -26,6 +27,7 @@ __all__ = [
     "TokenPackerImageProcessor",
     "TokenPackerModel",
     "TokenPackerPreTrainedModel",
+    "TokenPackerProcessor",
     "TokenPackerProjector",
     "__version__",
 ]

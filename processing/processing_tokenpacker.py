@@ -1,0 +1,280 @@
+"""TokenPacker processor: images and prompts -> the input ids and crops of the original LLaVA-1.5 / TokenPacker-HD."""
+
+import os
+
+from transformers import BatchFeature, ProcessorMixin
+from transformers.image_utils import is_valid_image
+
+from ..configuration.configuration_tokenpacker import RemoteCodeMixin
+from .image_processing_tokenpacker import TokenPackerImageProcessor
+
+IMAGE_TOKEN = "<image>"
+ANSWER_PREFIX = "ASSISTANT:"
+# The system prompt of the original's `conv_vicuna_v1` template, the one its training and evaluation scripts use.
+VICUNA_V1_SYSTEM_PROMPT = (
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
+)
+# Vicuna v1 ("SeparatorStyle.TWO"): "{system} USER: {question} ASSISTANT: {answer}</s>USER: ... ASSISTANT:".
+# Images of a message come first, one "<image>\n" each, like the original's "<image>\n{question}".
+VICUNA_V1_CHAT_TEMPLATE = (
+    "{%- if messages and messages[0]['role'] == 'system' -%}"
+    "{%- if messages[0]['content'] is string -%}{%- set system_prompt = messages[0]['content'] -%}"
+    "{%- else -%}{%- set system_prompt = messages[0]['content'] | selectattr('type', 'equalto', 'text') "
+    "| map(attribute='text') | join(' ') -%}{%- endif -%}"
+    "{%- set loop_messages = messages[1:] -%}"
+    "{%- else -%}"
+    "{%- set system_prompt = '" + VICUNA_V1_SYSTEM_PROMPT.replace("'", "\\'") + "' -%}"
+    "{%- set loop_messages = messages -%}"
+    "{%- endif -%}"
+    "{{- system_prompt + ' ' -}}"
+    "{%- for message in loop_messages -%}"
+    "{%- if message['role'] == 'user' -%}{{- 'USER: ' -}}"
+    "{%- elif message['role'] == 'assistant' -%}{{- 'ASSISTANT: ' -}}"
+    "{%- else -%}{{- raise_exception('Vicuna v1 chats take user and assistant messages after an optional first "
+    "system message, got role ' + message['role']) -}}"
+    "{%- endif -%}"
+    "{%- if message['content'] is string -%}{{- message['content'] -}}"
+    "{%- else -%}"
+    "{%- for item in message['content'] if item['type'] == 'image' -%}{{- '<image>\n' -}}{%- endfor -%}"
+    "{{- message['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') | join(' ') -}}"
+    "{%- endif -%}"
+    "{%- if message['role'] == 'user' -%}{{- ' ' -}}{%- else -%}{{- '</s>' -}}{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '" + ANSWER_PREFIX + "' -}}{%- endif -%}"
+)
+
+
+class TokenPackerProcessor(RemoteCodeMixin, ProcessorMixin):
+    r"""
+    Turns images and prompts into TokenPacker's inputs, exactly as the original LLaVA-1.5 code does.
+
+    Each prompt is split at the `<image>` markers and every text chunk is tokenized on its own (only the first one
+    starts with BOS), so the text after an image starts with sentencepiece's lone '▁' piece, as in the original. Each
+    `<image>` becomes its crops' image-token ids: `num_image_tokens` for an image in `"pad"` mode; in `"slice"`
+    (TokenPacker-HD) mode, one row of block tokens per grid row with `slice_separator_token_id` between the blocks of
+    a row and `row_separator_token_id` at its end, then, for grids of more than one block, the thumbnail's tokens and
+    `row_separator_token_id`. The crops come in the same order from the image processor.
+
+    `batch_decode`, `decode` and `post_process_image_text_to_text` return answers: the text after the last
+    "ASSISTANT:" of the Vicuna v1 prompt (the whole text when there is none), special tokens skipped by default.
+
+    Args:
+        image_processor (`TokenPackerImageProcessor`):
+            Makes the crops (`pixel_values`) and tells each image's grid of blocks (`image_grids`).
+        tokenizer (`PreTrainedTokenizerFast`):
+            A tokenizer with the ids of the original sentencepiece model and `image_token` as a special token.
+        num_image_tokens (`int`, *optional*, defaults to 144):
+            Tokens per crop: 144, 64 or 36 for the projector's scale factors 2, 3 and 4.
+        slice_separator_token_id (`int`, *optional*, defaults to 29892):
+            Id between two blocks of a row in `"slice"` mode (',' in LLaMA's vocabulary).
+        row_separator_token_id (`int`, *optional*, defaults to 0):
+            Id after each row of blocks and after the thumbnail in `"slice"` mode (the original's '\n', unknown to
+            LLaMA's vocabulary, hence 0).
+        chat_template (`str`, *optional*):
+            Jinja chat template; defaults to the original's Vicuna v1 conversation.
+        image_token (`str`, *optional*, defaults to `"<image>"`):
+            The image marker in prompts.
+    """
+
+    text_kwargs = {"padding": True, "padding_side": "left", "return_tensors": "pt"}
+    remote_code_auto_map = {
+        location: {
+            "AutoProcessor": "processing_tokenpacker.TokenPackerProcessor",
+            "AutoImageProcessor": "image_processing_tokenpacker.TokenPackerImageProcessor",
+        }
+        for location in ("processor_config.json", "processor_config.json/image_processor", "preprocessor_config.json")
+    } | {"tokenizer_config.json": {"AutoProcessor": "processing_tokenpacker.TokenPackerProcessor"}}
+    supported_text_kwargs = (
+        "add_special_tokens",
+        "padding",
+        "padding_side",
+        "max_length",
+        "pad_to_multiple_of",
+        "return_attention_mask",
+        "return_tensors",
+    )
+
+    def __init__(
+        self,
+        image_processor=None,
+        tokenizer=None,
+        num_image_tokens: int = 144,
+        slice_separator_token_id: int = 29892,
+        row_separator_token_id: int = 0,
+        chat_template: str | None = None,
+        image_token: str = IMAGE_TOKEN,
+    ):
+        if isinstance(num_image_tokens, bool) or not isinstance(num_image_tokens, int) or num_image_tokens < 1:
+            raise ValueError(f"num_image_tokens must be a positive integer, got {num_image_tokens!r}")
+        image_token_id = tokenizer.convert_tokens_to_ids(image_token)
+        if image_token_id is None or image_token_id == tokenizer.unk_token_id:
+            raise ValueError(f"The tokenizer has no {image_token!r} token; add it as a special token")
+        for name, value in (
+            ("slice_separator_token_id", slice_separator_token_id),
+            ("row_separator_token_id", row_separator_token_id),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < len(tokenizer):
+                raise ValueError(f"{name} must be a token id below the tokenizer's {len(tokenizer)}, got {value!r}")
+        self.num_image_tokens = num_image_tokens
+        self.slice_separator_token_id = slice_separator_token_id
+        self.row_separator_token_id = row_separator_token_id
+        self.image_token = image_token
+        self.image_token_id = image_token_id
+        super().__init__(image_processor, tokenizer, chat_template=chat_template or VICUNA_V1_CHAT_TEMPLATE)
+
+    @classmethod
+    def from_model_config(cls, config, tokenizer, **image_processor_kwargs) -> "TokenPackerProcessor":
+        """The processor for a model with this `TokenPackerConfig`: its mode, crops, token ids and tokens per crop."""
+        image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+        if image_token_id != config.image_token_id:
+            raise ValueError(
+                f"The tokenizer's {IMAGE_TOKEN} id is {image_token_id} but the model's image_token_id is "
+                f"{config.image_token_id}"
+            )
+        image_processor = TokenPackerImageProcessor(
+            image_aspect_ratio=config.image_aspect_ratio, max_slices=config.max_slices, **image_processor_kwargs
+        )
+        return cls(
+            image_processor,
+            tokenizer,
+            num_image_tokens=config.num_image_tokens,
+            slice_separator_token_id=config.slice_separator_token_id,
+            row_separator_token_id=config.row_separator_token_id,
+        )
+
+    def __call__(self, images=None, text=None, **kwargs) -> BatchFeature:
+        """Prompt(s) with one `<image>` per image -> `input_ids`, `attention_mask` and (with images) `pixel_values`.
+
+        `images` is an image, a list of images (taken in the order of the markers across the batch), or one list of
+        images per prompt. A batch is padded on the left unless `padding_side="right"` is given.
+        """
+        if text is None:
+            raise ValueError(f"TokenPackerProcessor needs text: a prompt with one {self.image_token!r} per image")
+        prompts = [text] if isinstance(text, str) else text
+        if not isinstance(prompts, (list, tuple)) or not prompts or not all(isinstance(p, str) for p in prompts):
+            raise TypeError(f"text must be a string or a non-empty list of strings, got {type(text).__name__}")
+        image_counts = [prompt.count(self.image_token) for prompt in prompts]
+        flat_images = self._flat_images(images, image_counts)
+
+        merged = self._merge_kwargs(**kwargs)
+        text_kwargs = merged["text_kwargs"]
+        unsupported = sorted(
+            key
+            for key, value in text_kwargs.items()
+            if key not in self.supported_text_kwargs and value not in (None, False)
+        )
+        if unsupported:
+            raise ValueError(
+                f"TokenPackerProcessor does not support {unsupported}: the image tokens must stay whole; "
+                f"supported text arguments: {list(self.supported_text_kwargs)}"
+            )
+        return_tensors = text_kwargs.pop("return_tensors", None)
+        add_special_tokens = text_kwargs.pop("add_special_tokens", True)
+
+        pixel_values, image_ids = None, []
+        if flat_images:
+            images_kwargs = {**merged["images_kwargs"], "return_tensors": "pt"}
+            image_inputs = self.image_processor(flat_images, **images_kwargs)
+            pixel_values = image_inputs["pixel_values"]  # (total crops, 3, 336, 336)
+            mode = images_kwargs.get("image_aspect_ratio") or self.image_processor.image_aspect_ratio
+            image_ids = [self.image_token_layout(h, w, mode) for h, w in image_inputs["image_grids"].tolist()]
+
+        input_ids = self._expand(prompts, image_ids, add_special_tokens)
+        padded = self.tokenizer.pad({"input_ids": input_ids}, return_tensors=return_tensors, **text_kwargs)
+        data = {key: padded[key] for key in ("input_ids", "attention_mask") if key in padded}
+        if pixel_values is not None:
+            data["pixel_values"] = pixel_values
+        return BatchFeature(data, tensor_type=return_tensors)
+
+    def image_token_layout(self, h_block: int, w_block: int, image_aspect_ratio: str) -> list[int]:
+        """The ids of an image with `h_block` x `w_block` blocks, its crops in the image processor's order."""
+        crop = [self.image_token_id] * self.num_image_tokens
+        if image_aspect_ratio == "pad":
+            return crop
+        ids = []
+        for _ in range(h_block):
+            for column in range(w_block):
+                ids += crop
+                if column < w_block - 1:
+                    ids.append(self.slice_separator_token_id)
+            ids.append(self.row_separator_token_id)
+        if h_block * w_block > 1:
+            ids += crop + [self.row_separator_token_id]  # the thumbnail
+        return ids
+
+    def _flat_images(self, images, image_counts: list[int]) -> list:
+        """Checks the images against the `<image>` markers and returns them flat, in marker order."""
+        if images is None:
+            images = []
+        elif getattr(images, "ndim", None) == 4:  # a batch of images in one array or tensor
+            images = list(images)
+        elif is_valid_image(images) or isinstance(images, (str, os.PathLike)):
+            images = [images]
+        images = list(images)
+        nested = bool(images) and all(isinstance(item, (list, tuple)) for item in images)
+        if nested:
+            if len(images) != len(image_counts):
+                raise ValueError(
+                    f"Got {len(images)} lists of images (one per prompt) but {len(image_counts)} prompt(s)"
+                )
+            for index, (sample_images, count) in enumerate(zip(images, image_counts, strict=True)):
+                if len(sample_images) != count:
+                    raise ValueError(
+                        f"Prompt {index} holds {count} {self.image_token} marker(s) but {len(sample_images)} image(s) "
+                        "were given for it"
+                    )
+            images = [image for sample_images in images for image in sample_images]
+        if len(images) != sum(image_counts):
+            raise ValueError(
+                f"The prompts hold {sum(image_counts)} {self.image_token} marker(s) in total "
+                f"(per prompt: {', '.join(map(str, image_counts))}) but {len(images)} image(s) were given"
+            )
+        return images
+
+    def _expand(self, prompts: list[str], image_ids: list[list[int]], add_special_tokens: bool) -> list[list[int]]:
+        """Like the original's `tokenizer_image_token`: chunks tokenized on their own, image ids between them."""
+        chunks_per_prompt = [prompt.split(self.image_token) for prompt in prompts]
+        flat_chunks = [chunk for chunks in chunks_per_prompt for chunk in chunks]
+        chunk_ids = iter(self.tokenizer(flat_chunks, add_special_tokens=False)["input_ids"])
+        images = iter(image_ids)
+        input_ids = []
+        for chunks in chunks_per_prompt:
+            ids = [self.tokenizer.bos_token_id] if add_special_tokens else []
+            for index in range(len(chunks)):
+                if index > 0:
+                    ids += next(images)
+                ids += next(chunk_ids)
+            input_ids.append(ids)
+        return input_ids
+
+    def batch_decode(self, sequences, skip_special_tokens: bool = True, **kwargs) -> list[str]:
+        """Decodes generated sequences to the answers: the text after the prompt's last "ASSISTANT:"."""
+        texts = self.tokenizer.batch_decode(sequences, skip_special_tokens=skip_special_tokens, **kwargs)
+        return [self._answer(text) for text in texts]
+
+    def decode(self, token_ids, skip_special_tokens: bool = True, **kwargs) -> str:
+        """Decodes one generated sequence to its answer: the text after the prompt's last "ASSISTANT:"."""
+        return self._answer(self.tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens, **kwargs))
+
+    def post_process_image_text_to_text(self, generated_outputs, skip_special_tokens: bool = True, **kwargs):
+        """The answers of `generate`'s output, (batch, length) -> list of strings; (length,) -> one string."""
+        if getattr(generated_outputs, "ndim", None) == 1 or (
+            isinstance(generated_outputs, (list, tuple))
+            and generated_outputs
+            and isinstance(generated_outputs[0], int)
+        ):
+            return self.decode(generated_outputs, skip_special_tokens=skip_special_tokens, **kwargs)
+        return self.batch_decode(generated_outputs, skip_special_tokens=skip_special_tokens, **kwargs)
+
+    @staticmethod
+    def _answer(text: str) -> str:
+        _, found, answer = text.rpartition(ANSWER_PREFIX)
+        return answer.strip() if found else text
+
+    @property
+    def model_input_names(self) -> list[str]:
+        return ["input_ids", "attention_mask", "pixel_values"]
+
+
+__all__ = ["TokenPackerProcessor"]
