@@ -1,0 +1,310 @@
+"""Training with transformers' Trainer: new models from a tower and a language model, answer-only labels, the stages'
+frozen parameters, Trainer checkpoints, LoRA, and the shipped tiny-shapes model on held-out scenes."""
+
+import json
+
+import pytest
+import sentencepiece as spm
+import torch
+from PIL import Image
+from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
+
+from tokenpacker import TokenPackerForConditionalGeneration, TokenPackerProcessor
+from tokenpacker.shapes import render_scene, train_tokenizer, write_dataset
+from tokenpacker.training import (
+    ConversationCollator,
+    ConversationDataset,
+    DataArguments,
+    ModelArguments,
+    TokenPackerTrainingArguments,
+    build_model_and_processor,
+    chat_messages,
+    encode_conversation,
+    main,
+    set_trainable,
+    train,
+)
+
+VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, image_size=336, patch_size=56)
+SETTINGS = dict(vision_feature_layer=-1, multi_level_feature_layers=[1, 2, 3, 4], projector_num_heads=4)
+TOKENS = 9  # 6x6 patch grid packed with scale factor 2
+PIECES = 512  # the task tokenizer's sentencepiece pieces, then <image> and <pad>
+IMAGE_TOKEN_ID, PAD_TOKEN_ID = 512, 513
+
+
+def tiny_llama(vocab_size):
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=vocab_size,
+        max_position_embeddings=512,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    return LlamaForCausalLM(config)
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """Tiny shapes data, the task's tokenizer, and a random tower and language model saved as folders."""
+    folder = tmp_path_factory.mktemp("training")
+    write_dataset(folder / "data", num_train=8, num_test=2)
+    tokenizer = train_tokenizer(folder / "text")
+    tokenizer.save_pretrained(folder / "text")
+    tiny_llama(tokenizer.vocab_size).save_pretrained(folder / "text")
+    torch.manual_seed(0)
+    CLIPVisionModel(CLIPVisionConfig(**VISION)).save_pretrained(folder / "vision")
+    return folder
+
+
+def new_model(workspace, **settings):
+    return build_model_and_processor(workspace / "vision", workspace / "text", **{**SETTINGS, **settings})
+
+
+def training_args(workspace, name, **overrides):
+    settings = dict(
+        output_dir=str(workspace / name),
+        per_device_train_batch_size=4,
+        learning_rate=3e-3,
+        max_steps=2,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
+    )
+    settings.update(overrides)
+    return TokenPackerTrainingArguments(**settings)
+
+
+def test_from_vision_and_text_keeps_both_models_weights_and_adds_the_tokens():
+    sp_tokens = ["<unk>", "<s>", "</s>", ",", "a", "b"]
+    llm = tiny_llama(len(sp_tokens))
+    clip = CLIPModel(CLIPConfig(vision_config=VISION, text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4)))
+    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models
+
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.WordLevel({t: i for i, t in enumerate(sp_tokens)}, unk_token="<unk>")),
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+    )
+    model = TokenPackerForConditionalGeneration.from_vision_and_text(clip, llm, tokenizer=tokenizer, scale_factor=3)
+
+    assert tokenizer.convert_tokens_to_ids(["<image>", "<pad>"]) == [6, 7]
+    config = model.config
+    assert (config.image_token_id, config.text_config.pad_token_id, config.text_config.vocab_size) == (6, 7, 8)
+    assert (config.slice_separator_token_id, config.row_separator_token_id) == (3, 0)  # ',' and the unknown id for '\n'
+    assert config.multi_level_feature_layers == [2, 2, 2, 3]  # 4 layers: levels at 1/2, 2/3, L-2 and L-1
+    assert config.projector_hidden_size == 32 and config.num_image_tokens == 4
+    assert len(model.model.vision_tower.encoder.layers) == 3  # the tower runs up to layer 3 (vision_feature_layer -2)
+    assert torch.equal(model.model.vision_tower.encoder.layers[2].mlp.fc1.weight, clip.vision_model.encoder.layers[2].mlp.fc1.weight)
+    assert torch.equal(model.model.vision_tower.embeddings.patch_embedding.weight, clip.vision_model.embeddings.patch_embedding.weight)
+    assert torch.equal(model.model.language_model.layers[1].mlp.up_proj.weight, llm.model.layers[1].mlp.up_proj.weight)
+    assert torch.equal(model.get_input_embeddings().weight[:6], llm.model.embed_tokens.weight)
+    assert torch.equal(model.lm_head.weight[:6], llm.lm_head.weight)
+    assert model.lm_head.weight.shape == (8, 64)
+
+
+def test_from_vision_and_text_rejects_what_it_cannot_use(workspace):
+    with pytest.raises(ValueError, match="Pass the language model's tokenizer: text_model_or_path is a model object"):
+        TokenPackerForConditionalGeneration.from_vision_and_text(workspace / "vision", tiny_llama(PIECES))
+    with pytest.raises(TypeError, match="vision_model_or_path must be a folder, a Hub id or a PreTrainedModel, got int"):
+        TokenPackerForConditionalGeneration.from_vision_and_text(3, workspace / "text")
+    shallow = CLIPVisionModel(CLIPVisionConfig(**{**VISION, "num_hidden_layers": 2}))
+    with pytest.raises(ValueError, match="multi_level_feature_layers must index the vision tower's 3 hidden states"):
+        TokenPackerForConditionalGeneration.from_vision_and_text(shallow, workspace / "text", **SETTINGS)
+
+
+def test_the_processor_matches_the_model_and_the_tower_normalization(workspace):
+    model, processor = new_model(workspace)
+    assert processor.image_token_id == model.config.image_token_id == IMAGE_TOKEN_ID
+    assert processor.tokenizer.pad_token_id == model.config.text_config.pad_token_id == PAD_TOKEN_ID
+    assert processor.num_image_tokens == TOKENS
+    assert list(processor.image_processor.image_mean) == pytest.approx([0.48145466, 0.4578275, 0.40821073])
+    (workspace / "vision_norm").mkdir(exist_ok=True)
+    CLIPVisionModel(CLIPVisionConfig(**VISION)).save_pretrained(workspace / "vision_norm")
+    (workspace / "vision_norm" / "preprocessor_config.json").write_text(
+        json.dumps({"image_mean": [0.5, 0.5, 0.5], "image_std": [0.25, 0.25, 0.25]})
+    )
+    _, processor = build_model_and_processor(workspace / "vision_norm", workspace / "text", **SETTINGS)
+    assert list(processor.image_processor.image_std) == [0.25, 0.25, 0.25]
+
+
+def answer_ids(workspace, answer):
+    """What the original's sentencepiece tokenizer gives for an answer after "ASSISTANT: ", then </s>."""
+    pieces = spm.SentencePieceProcessor(model_file=str(workspace / "text" / "tokenizer.model"))
+    return pieces.encode(answer) + [pieces.eos_id()]
+
+
+@pytest.mark.parametrize("mode", ["pad", "slice"])
+def test_labels_keep_only_the_answers_and_their_end_tokens(workspace, mode):
+    model, processor = new_model(workspace, image_aspect_ratio=mode)
+    turns = [
+        {"from": "human", "value": "What colour is the circle?\n<image>"},
+        {"from": "gpt", "value": "red"},
+        {"from": "human", "value": "Where is the circle?"},
+        {"from": "gpt", "value": "top left"},
+    ]
+    image = Image.new("RGB", (672, 336), (200, 200, 200))
+    messages = chat_messages(turns, 1, processor.image_token)
+    assert messages[0] == {"role": "user", "content": "<image>\nWhat colour is the circle?"}  # marker moved first
+    sample = encode_conversation(processor, messages, [image])
+
+    prompt = processor.apply_chat_template(messages, tokenize=False)
+    expected = processor(images=[image], text=prompt, return_tensors="pt")
+    assert torch.equal(sample["input_ids"], expected["input_ids"][0])
+    assert torch.equal(sample["pixel_values"], expected["pixel_values"])
+    input_ids, labels = sample["input_ids"], sample["labels"]
+    kept = labels != -100
+    assert labels[kept].tolist() == answer_ids(workspace, "red") + answer_ids(workspace, "top left")
+    assert torch.equal(labels[kept], input_ids[kept])
+    assert (labels[input_ids == processor.image_token_id] == -100).all()
+    if mode == "slice":  # a 672x336 image: a 1x2 grid and the thumbnail: "block , block \n thumbnail \n"
+        crops = sample["pixel_values"].shape[0]
+        image_positions = (input_ids == processor.image_token_id).nonzero().flatten()
+        assert crops == 3 and len(image_positions) == crops * TOKENS
+        layout = input_ids[image_positions[0] : image_positions[-1] + 2]
+        separators = layout[layout != processor.image_token_id].tolist()
+        assert separators == [processor.slice_separator_token_id] + [processor.row_separator_token_id] * 2
+        assert (labels[image_positions[0] : image_positions[-1] + 2] == -100).all()
+    # the answers are the last tokens of their turns: "...ASSISTANT: red</s>USER: ..."
+    positions = kept.nonzero().flatten().tolist()
+    assert positions[-1] == len(input_ids) - 1
+
+
+def test_conversations_must_be_well_formed(workspace):
+    with pytest.raises(ValueError, match="Turn 1 must be {'from': 'gpt', 'value': str}"):
+        chat_messages([{"from": "human", "value": "<image>\nhi"}, {"from": "human", "value": "again"}], 1, "<image>")
+    with pytest.raises(ValueError, match="Images must come with the first question; turn 2 holds <image>"):
+        turns = [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "1"}]
+        chat_messages(turns + [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": "2"}], 0, "<image>")
+    with pytest.raises(ValueError, match="The first question holds 0 <image> markers for 1 images"):
+        chat_messages([{"from": "human", "value": "hi"}, {"from": "gpt", "value": "1"}], 1, "<image>")
+    with pytest.raises(ValueError, match="Give either --model_name_or_path"):
+        ModelArguments(vision_tower="v")
+    with pytest.raises(ValueError, match="--lora_enable adapts the language model, which only stage 2 trains"):
+        ModelArguments(model_name_or_path="m", stage=1, lora_enable=True)
+
+
+def test_the_collator_pads_on_the_right_and_keeps_every_crop(workspace):
+    _, processor = new_model(workspace)
+    dataset = ConversationDataset(workspace / "data" / "train.json", processor)
+    samples = [dataset[0], dataset[1]]
+    batch = ConversationCollator(processor.tokenizer.pad_token_id)(samples)
+    lengths = [len(s["input_ids"]) for s in samples]
+    assert batch["input_ids"].shape == (2, max(lengths))
+    for row, sample in enumerate(samples):
+        length = lengths[row]
+        assert torch.equal(batch["input_ids"][row, :length], sample["input_ids"])
+        assert (batch["input_ids"][row, length:] == PAD_TOKEN_ID).all() and (batch["labels"][row, length:] == -100).all()
+        assert batch["attention_mask"][row].tolist() == [1] * length + [0] * (max(lengths) - length)
+    assert torch.equal(batch["pixel_values"], torch.cat([samples[0]["pixel_values"], samples[1]["pixel_values"]]))
+
+
+def batch_loss(model, batch):
+    model.eval()
+    with torch.no_grad():
+        return model(**batch).loss.item()
+
+
+def test_a_few_trainer_steps_lower_the_loss(workspace):
+    model, processor = new_model(workspace)
+    set_trainable(model, stage=2, train_vision_tower=True)
+    dataset = ConversationDataset(workspace / "data" / "train.json", processor)
+    batch = ConversationCollator(processor.tokenizer.pad_token_id)([dataset[i] for i in range(8)])
+    before = batch_loss(model, batch)
+    from transformers import Trainer
+
+    args = training_args(workspace, "steps", max_steps=12, per_device_train_batch_size=8, learning_rate=1e-2)
+    Trainer(model=model, args=args, train_dataset=dataset, data_collator=ConversationCollator(PAD_TOKEN_ID)).train()
+    after = batch_loss(model, batch)
+    assert after < 0.6 * before
+
+
+def test_stage_1_trains_the_projector_only(workspace):
+    model_args = ModelArguments(
+        vision_tower=str(workspace / "vision"), language_model=str(workspace / "text"), stage=1, **SETTINGS
+    )
+    data_args = DataArguments(data_path=str(workspace / "data" / "train.json"))
+    torch.manual_seed(0)
+    trainer = train(model_args, data_args, training_args(workspace, "stage1"))
+    trained = trainer.model.state_dict()
+    torch.manual_seed(0)
+    initial, _ = new_model(workspace)  # the same new model: same folders, same random projector and new embeddings
+    changed = {name for name, weight in initial.state_dict().items() if not torch.equal(weight, trained[name])}
+    projector = {name for name in trained if name.startswith("model.multi_modal_projector.")}
+    assert changed and changed <= projector
+    assert {n for n, p in trainer.model.named_parameters() if p.requires_grad} == projector
+
+
+def test_stage_2_leaves_the_vision_tower_frozen_unless_asked():
+    from .builders import tiny_config
+
+    model = TokenPackerForConditionalGeneration(tiny_config())
+    set_trainable(model, stage=2)
+    frozen = {n.split(".")[1] for n, p in model.named_parameters() if not p.requires_grad}
+    trainable = {n.split(".")[0] if n.startswith("lm_head") else n.split(".")[1] for n, p in model.named_parameters() if p.requires_grad}
+    assert frozen == {"vision_tower"} and trainable == {"multi_modal_projector", "language_model", "lm_head"}
+    set_trainable(model, stage=2, train_vision_tower=True)
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_the_command_saves_checkpoints_that_reload(workspace):
+    output = workspace / "cli"
+    main(
+        [
+            "--vision_tower", str(workspace / "vision"),
+            "--language_model", str(workspace / "text"),
+            "--vision_feature_layer", "-1",
+            "--multi_level_feature_layers", "1", "2", "3", "4",
+            "--projector_num_heads", "4",
+            "--data_path", str(workspace / "data" / "train.json"),
+            "--output_dir", str(output),
+            "--per_device_train_batch_size", "2",
+            "--max_steps", "2",
+            "--save_steps", "2",
+            "--activation_checkpointing",
+            "--bf16",
+            "--use_cpu",
+            "--report_to", "none",
+            "--disable_tqdm", "true",
+        ]
+    )  # fmt: skip
+    checkpoint = TokenPackerForConditionalGeneration.from_pretrained(output / "checkpoint-2")
+    final = TokenPackerForConditionalGeneration.from_pretrained(output)
+    for name, weight in final.state_dict().items():
+        assert torch.equal(weight, checkpoint.state_dict()[name]), name
+    initial, processor = new_model(workspace)
+    assert not torch.equal(final.lm_head.weight, initial.lm_head.weight)  # stage 2 trained the language model
+    reloaded = TokenPackerProcessor.from_pretrained(output / "checkpoint-2")
+    scene = render_scene("test", 0)
+    prompt = processor.apply_chat_template([{"role": "user", "content": "<image>\nHow many shapes are there?"}], add_generation_prompt=True, tokenize=False)
+    assert torch.equal(reloaded(images=scene.image, text=prompt)["input_ids"], processor(images=scene.image, text=prompt)["input_ids"])
+
+
+def test_lora_trains_adapters_and_saves_a_merged_model(workspace):
+    pytest.importorskip("peft")
+    model_args = ModelArguments(
+        vision_tower=str(workspace / "vision"), language_model=str(workspace / "text"), lora_enable=True, lora_r=4, **SETTINGS
+    )
+    data_args = DataArguments(data_path=str(workspace / "data" / "train.json"))
+    torch.manual_seed(0)
+    trainer = train(model_args, data_args, training_args(workspace, "lora", learning_rate=1e-2))
+    trainable = [n for n, p in trainer.model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n or "multi_modal_projector" in n for n in trainable)
+    merged = TokenPackerForConditionalGeneration.from_pretrained(workspace / "lora")
+    torch.manual_seed(0)
+    initial, _ = new_model(workspace)
+    for name, weight in initial.state_dict().items():
+        same = torch.equal(weight, merged.state_dict()[name])
+        frozen_text = name.startswith("model.language_model.") and ("norm" in name or "embed_tokens" in name)
+        if name.startswith("model.vision_tower.") or name.startswith("lm_head.") or frozen_text:
+            assert same, name
+    assert not torch.equal(merged.model.language_model.layers[0].self_attn.q_proj.weight, initial.model.language_model.layers[0].self_attn.q_proj.weight)
+    assert not torch.equal(merged.model.multi_modal_projector.query_proj.weight, initial.model.multi_modal_projector.query_proj.weight)

@@ -1,0 +1,328 @@
+"""Training TokenPacker models with transformers' `Trainer`: `tokenpacker-train`.
+
+Stage 1 trains the projector alone (vision tower and language model frozen); stage 2 trains the projector and the
+language model, or LoRA adapters on it (`--lora_enable`). The data are LLaVA-style conversations: a JSON list of
+`{"image": "path", "conversations": [{"from": "human", "value": "<image>\\n..."}, {"from": "gpt", "value": "..."}]}`;
+the loss covers the assistant's answers (and their end-of-sequence token) only. On one machine it runs as it is; on
+several GPUs or machines the same command runs under `accelerate launch --config_file tokenpacker/configs/fsdp.yaml`
+(or `deepspeed_zero2.yaml`, `deepspeed_zero3.yaml`).
+
+    tokenpacker-train --vision_tower openai/clip-vit-large-patch14-336 --language_model lmsys/vicuna-7b-v1.5 \\
+        --stage 1 --data_path blip_laion_cc_sbu_558k.json --image_folder images --output_dir runs/stage1 --bf16
+    tokenpacker-train --model_name_or_path runs/stage1 --stage 2 --data_path llava_v1_5_mix665k.json ...
+"""
+
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch import nn
+from torch.utils.data import Dataset
+from transformers import AutoTokenizer, HfArgumentParser, PreTrainedModel, Trainer, TrainingArguments
+from transformers.integrations import is_deepspeed_zero3_enabled
+from transformers.utils import IMAGE_PROCESSOR_NAME, cached_file
+
+from .modeling import TokenPackerForConditionalGeneration
+from .processing import TokenPackerProcessor
+
+IGNORE_INDEX = -100
+ROLES = {"human": "user", "gpt": "assistant"}
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "A TokenPacker folder to go on from (e.g. stage 1's output)."}
+    )
+    vision_tower: str | None = field(
+        default=None, metadata={"help": "A CLIP-like vision tower to build a new model from, with --language_model."}
+    )
+    language_model: str | None = field(
+        default=None, metadata={"help": "A causal language model (with its tokenizer) to build a new model from."}
+    )
+    stage: int = field(default=2, metadata={"help": "1: train the projector only; 2: the projector and the language model."})
+    train_vision_tower: bool = field(default=False, metadata={"help": "Train the vision tower too."})
+    scale_factor: int = field(default=2, metadata={"help": "New models: 2, 3 or 4 (144, 64 or 36 tokens at 336 px)."})
+    vision_feature_layer: int = field(default=-2, metadata={"help": "New models: the coarse queries' hidden state."})
+    multi_level_feature_layers: list[int] | None = field(
+        default=None, metadata={"help": "New models: hidden states of the keys and values (default: 4 spread levels)."}
+    )
+    projector_hidden_size: int | None = field(default=None, metadata={"help": "New models: the projector's width."})
+    projector_num_heads: int = field(default=8, metadata={"help": "New models: heads of the region-to-point attention."})
+    initializer_range: float = field(default=0.02, metadata={"help": "New models: std of the projector's initial weights."})
+    image_aspect_ratio: str = field(default="pad", metadata={"help": "New models: 'pad' (LLaVA-1.5) or 'slice' (HD)."})
+    max_slices: int = field(default=9, metadata={"help": "New models in 'slice' mode: 9, 16 or 25 crops."})
+    lora_enable: bool = field(default=False, metadata={"help": "Stage 2: LoRA adapters instead of the full language model."})
+    lora_r: int = field(default=64, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling numerator."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
+
+    def __post_init__(self):
+        if (self.model_name_or_path is None) == (self.vision_tower is None or self.language_model is None):
+            raise ValueError(
+                "Give either --model_name_or_path (a TokenPacker model) or both --vision_tower and --language_model, "
+                f"got model_name_or_path={self.model_name_or_path!r}, vision_tower={self.vision_tower!r}, "
+                f"language_model={self.language_model!r}"
+            )
+        if self.model_name_or_path is not None and (self.vision_tower or self.language_model):
+            raise ValueError("--vision_tower and --language_model build a new model: leave out --model_name_or_path")
+        if self.stage not in (1, 2):
+            raise ValueError(f"--stage must be 1 or 2, got {self.stage}")
+        if self.lora_enable and self.stage != 2:
+            raise ValueError("--lora_enable adapts the language model, which only stage 2 trains")
+
+    def projector_settings(self) -> dict:
+        """The settings of a new model's TokenPackerConfig."""
+        settings = {
+            "scale_factor": self.scale_factor,
+            "vision_feature_layer": self.vision_feature_layer,
+            "projector_num_heads": self.projector_num_heads,
+            "initializer_range": self.initializer_range,
+            "image_aspect_ratio": self.image_aspect_ratio,
+            "max_slices": self.max_slices,
+        }
+        if self.multi_level_feature_layers is not None:
+            settings["multi_level_feature_layers"] = self.multi_level_feature_layers
+        if self.projector_hidden_size is not None:
+            settings["projector_hidden_size"] = self.projector_hidden_size
+        return settings
+
+
+@dataclass
+class DataArguments:
+    data_path: str = field(metadata={"help": "LLaVA-style JSON list of conversations."})
+    image_folder: str | None = field(
+        default=None, metadata={"help": "Folder the image paths are relative to (default: the JSON file's folder)."}
+    )
+
+
+@dataclass
+class TokenPackerTrainingArguments(TrainingArguments):
+    remove_unused_columns: bool = field(default=False, metadata={"help": "Keep pixel_values for the model."})
+
+
+def chat_messages(turns: list[dict], num_images: int, image_token: str) -> list[dict]:
+    """LLaVA turns -> chat messages; like the original, each image marker moves to the start of its message."""
+    if not isinstance(turns, list) or not turns or len(turns) % 2:
+        raise ValueError(f"conversations must be a non-empty list of human/gpt pairs, got {turns!r}")
+    messages = []
+    for number, turn in enumerate(turns):
+        expected = "human" if number % 2 == 0 else "gpt"
+        if not isinstance(turn, dict) or turn.get("from") != expected or not isinstance(turn.get("value"), str):
+            raise ValueError(f"Turn {number} must be {{'from': {expected!r}, 'value': str}}, got {turn!r}")
+        text = turn["value"]
+        markers = text.count(image_token)
+        if markers:
+            if number != 0:
+                raise ValueError(f"Images must come with the first question; turn {number} holds {image_token}")
+            text = image_token * markers + "\n" + text.replace(image_token, "").strip()
+        messages.append({"role": ROLES[turn["from"]], "content": text})
+    found = messages[0]["content"].count(image_token)
+    if found != num_images:
+        raise ValueError(f"The first question holds {found} {image_token} markers for {num_images} images")
+    return messages
+
+
+def encode_conversation(processor, messages: list[dict], images: list[Image.Image]) -> dict:
+    """input_ids, labels (the answers and their end tokens; -100 elsewhere) and pixel_values of one conversation.
+
+    The processor tokenizes the text after the last image on its own, so the answers' bounds come from tokenizing
+    the prefixes of that text: the prompt up to "ASSISTANT:" and the conversation up to the end of each answer.
+    """
+    tokenizer, image_token = processor.tokenizer, processor.image_token
+    full_text = processor.apply_chat_template(messages, tokenize=False)
+    encoded = processor(images=images or None, text=full_text, padding=False, return_tensors="pt")
+    input_ids = encoded["input_ids"][0]
+
+    def text_ids(text: str) -> list[int]:  # ids of the text after the last image
+        return tokenizer(text.rpartition(image_token)[2], add_special_tokens=False)["input_ids"]
+
+    tail = text_ids(full_text)
+    start = len(input_ids) - len(tail)
+    if input_ids[start:].tolist() != tail:
+        raise ValueError("The processor's ids do not end with the tokenized text after the last image")
+    labels = torch.full_like(input_ids, IGNORE_INDEX)
+    for number, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        prompt = text_ids(processor.apply_chat_template(messages[:number], tokenize=False, add_generation_prompt=True))
+        answered = text_ids(processor.apply_chat_template(messages[: number + 1], tokenize=False))
+        if tail[: len(prompt)] != prompt or tail[: len(answered)] != answered:
+            raise ValueError(
+                f"Answer {number // 2} does not start or end on a token boundary of the conversation; "
+                f"conversation: {full_text!r}"
+            )
+        labels[start + len(prompt) : start + len(answered)] = input_ids[start + len(prompt) : start + len(answered)]
+    sample = {"input_ids": input_ids, "labels": labels}
+    if "pixel_values" in encoded:
+        sample["pixel_values"] = encoded["pixel_values"]
+    return sample
+
+
+class ConversationDataset(Dataset):
+    """LLaVA-style conversations, each encoded by the processor when it is read."""
+
+    def __init__(self, data_path: str | Path, processor, image_folder: str | Path | None = None):
+        data_path = Path(data_path)
+        records = json.loads(data_path.read_text())
+        if not isinstance(records, list) or not records:
+            raise ValueError(f"{data_path} must hold a non-empty JSON list of conversations")
+        for index, record in enumerate(records):
+            if not isinstance(record, dict) or "conversations" not in record:
+                raise ValueError(f"Record {index} of {data_path} has no 'conversations': {record!r}")
+            if not isinstance(record.get("image", ""), str):
+                raise ValueError(f"Record {index} of {data_path}: 'image' must be a path, got {record['image']!r}")
+        self.records = records
+        self.processor = processor
+        self.image_folder = Path(image_folder) if image_folder is not None else data_path.parent
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict:
+        record = self.records[index]
+        images = [Image.open(self.image_folder / record["image"]).convert("RGB")] if "image" in record else []
+        messages = chat_messages(record["conversations"], len(images), self.processor.image_token)
+        return encode_conversation(self.processor, messages, images)
+
+
+@dataclass
+class ConversationCollator:
+    """Pads a batch on the right (labels with -100) and stacks the crops of every sample in order."""
+
+    pad_token_id: int
+
+    def __call__(self, samples: list[dict]) -> dict:
+        input_ids = nn.utils.rnn.pad_sequence([s["input_ids"] for s in samples], batch_first=True, padding_value=self.pad_token_id)
+        labels = nn.utils.rnn.pad_sequence([s["labels"] for s in samples], batch_first=True, padding_value=IGNORE_INDEX)
+        lengths = torch.tensor([len(s["input_ids"]) for s in samples])
+        batch = {
+            "input_ids": input_ids,
+            "labels": labels,
+            "attention_mask": (torch.arange(input_ids.shape[1]) < lengths[:, None]).long(),
+        }
+        crops = [s["pixel_values"] for s in samples if "pixel_values" in s]
+        if crops:
+            batch["pixel_values"] = torch.cat(crops)
+        return batch
+
+
+def set_trainable(model, stage: int, train_vision_tower: bool = False):
+    """Stage 1: the projector only; stage 2: the projector and the language model (and its head)."""
+    model.requires_grad_(False)
+    model.model.multi_modal_projector.requires_grad_(True)
+    if stage == 2:
+        model.model.language_model.requires_grad_(True)
+        model.get_output_embeddings().requires_grad_(True)
+    if train_vision_tower:
+        model.model.vision_tower.requires_grad_(True)
+
+
+def add_lora(model, model_args: ModelArguments):
+    """LoRA on every linear layer of the language model; the projector (and a trained tower) train in full."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = [
+        f"model.language_model.{name}"
+        for name, module in model.model.language_model.named_modules()
+        if isinstance(module, nn.Linear)
+    ]
+    modules_to_save = ["multi_modal_projector"] + (["vision_tower"] if model_args.train_vision_tower else [])
+    config = LoraConfig(
+        r=model_args.lora_r,
+        lora_alpha=model_args.lora_alpha,
+        lora_dropout=model_args.lora_dropout,
+        target_modules=targets,
+        modules_to_save=modules_to_save,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)
+
+
+def build_model_and_processor(
+    vision_model_or_path, text_model_or_path, tokenizer=None, **config_settings
+) -> tuple[TokenPackerForConditionalGeneration, TokenPackerProcessor]:
+    """A new model (see `TokenPackerForConditionalGeneration.from_vision_and_text`) and its processor.
+
+    The image processor normalizes with the vision tower's own mean and standard deviation when its folder has an
+    image processor configuration, and with CLIP's otherwise.
+    """
+    if tokenizer is None:
+        if isinstance(text_model_or_path, PreTrainedModel):
+            raise ValueError("Pass the language model's tokenizer: text_model_or_path is a model object, not a folder")
+        tokenizer = AutoTokenizer.from_pretrained(text_model_or_path)
+    model = TokenPackerForConditionalGeneration.from_vision_and_text(
+        vision_model_or_path, text_model_or_path, tokenizer=tokenizer, **config_settings
+    )
+    normalization = {}
+    if not isinstance(vision_model_or_path, PreTrainedModel):
+        settings_file = cached_file(vision_model_or_path, IMAGE_PROCESSOR_NAME, _raise_exceptions_for_missing_entries=False)
+        if settings_file is not None:
+            tower_settings = json.loads(Path(settings_file).read_text())
+            normalization = {key: tower_settings[key] for key in ("image_mean", "image_std") if key in tower_settings}
+    processor = TokenPackerProcessor.from_model_config(model.config, tokenizer, **normalization)
+    return model, processor
+
+
+def load_model_and_processor(model_args: ModelArguments) -> tuple[TokenPackerForConditionalGeneration, TokenPackerProcessor]:
+    """A TokenPacker folder with its processor, or a new model built from a vision tower and a language model."""
+    if model_args.model_name_or_path is not None:
+        model = TokenPackerForConditionalGeneration.from_pretrained(model_args.model_name_or_path)
+        return model, TokenPackerProcessor.from_pretrained(model_args.model_name_or_path)
+    return build_model_and_processor(
+        model_args.vision_tower, model_args.language_model, **model_args.projector_settings()
+    )
+
+
+def save_trained(trainer: Trainer, processor: TokenPackerProcessor, output_dir: str):
+    """Saves the trained model as a plain TokenPacker folder; LoRA adapters are merged into the language model."""
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    if not hasattr(model, "merge_and_unload"):
+        trainer.save_model(output_dir)
+    elif trainer.is_world_process_zero():
+        model.merge_and_unload().save_pretrained(output_dir)
+        processor.save_pretrained(output_dir)
+
+
+def make_trainer(
+    model: TokenPackerForConditionalGeneration,
+    processor: TokenPackerProcessor,
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    training_args: TokenPackerTrainingArguments,
+) -> Trainer:
+    """Freezes what the stage keeps fixed, adds LoRA if asked, and wires the data into a Trainer."""
+    if model_args.lora_enable and (training_args.fsdp or is_deepspeed_zero3_enabled()):
+        raise ValueError("--lora_enable merges the adapters into full weights at the end: use DDP or DeepSpeed ZeRO-2")
+    set_trainable(model, model_args.stage, model_args.train_vision_tower)
+    if model_args.lora_enable:
+        model = add_lora(model, model_args)
+    return Trainer(
+        model=model,
+        args=training_args,
+        train_dataset=ConversationDataset(data_args.data_path, processor, data_args.image_folder),
+        data_collator=ConversationCollator(processor.tokenizer.pad_token_id),
+        processing_class=processor,
+    )
+
+
+def train(model_args: ModelArguments, data_args: DataArguments, training_args: TokenPackerTrainingArguments) -> Trainer:
+    """Builds or loads the model, trains it and saves it in `output_dir`; returns the Trainer."""
+    model, processor = load_model_and_processor(model_args)
+    trainer = make_trainer(model, processor, model_args, data_args, training_args)
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    save_trained(trainer, processor, training_args.output_dir)
+    return trainer
+
+
+def main(argv: list[str] | None = None):
+    parser = HfArgumentParser((ModelArguments, DataArguments, TokenPackerTrainingArguments))
+    model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    train(model_args, data_args, training_args)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
