@@ -1,10 +1,85 @@
-"""TokenPacker model configuration."""
+"""TokenPacker model configuration, and the code export that makes saved folders load with trust_remote_code."""
+
+import importlib
+import json
+import re
+import sys
+from pathlib import Path
+from typing import ClassVar
 
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
+# `from ..package.module import` or `from .module import` at the start of a line
+_RELATIVE_IMPORT = re.compile(r"^from (\.+)([\w.]*) import ", re.MULTILINE)
 
-class TokenPackerConfig(PreTrainedConfig):
+
+def remote_code_sources(module_name: str) -> dict[str, str]:
+    """The source of `module_name` and of every module it imports relatively, as flat files importing each other.
+
+    In this package the modules live in sibling subpackages (`from ..configuration.configuration_tokenpacker import`);
+    in a Hub folder they sit side by side (`from .configuration_tokenpacker import`). Loaded from a Hub folder, the
+    modules are flat already and come out unchanged.
+    """
+    sources, pending = {}, [module_name]
+    while pending:
+        module = importlib.import_module(pending.pop())
+        path = Path(module.__file__)
+        if path.name in sources:
+            continue
+
+        def flatten(match, package=module.__package__):
+            target = importlib.util.resolve_name(match.group(1) + match.group(2), package)
+            pending.append(target)
+            return f"from .{target.rsplit('.', 1)[-1]} import "
+
+        sources[path.name] = _RELATIVE_IMPORT.sub(flatten, path.read_text(encoding="utf-8"))
+    return sources
+
+
+def write_remote_code(save_directory, module_name: str, auto_map: dict[str, dict[str, str]]) -> None:
+    """Writes the flat code of `module_name` into `save_directory` and adds `auto_map` entries to its JSON files.
+
+    `auto_map` maps a JSON file name (config.json, processor_config.json...), or a file name and one of its sections
+    ("processor_config.json/image_processor"), to the Auto classes it should name; what the save did not write is
+    left alone.
+    """
+    save_directory = Path(save_directory)
+    for file_name, source in remote_code_sources(module_name).items():
+        (save_directory / file_name).write_text(source, encoding="utf-8")
+    for location, entries in auto_map.items():
+        file_name, _, section = location.partition("/")
+        path = save_directory / file_name
+        if not path.is_file():
+            continue
+        content = json.loads(path.read_text(encoding="utf-8"))
+        target = content.get(section) if section else content
+        if isinstance(target, dict):
+            target["auto_map"] = {**target.get("auto_map", {}), **entries}
+            path.write_text(json.dumps(content, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+class RemoteCodeMixin:
+    """`save_pretrained` also writes the code defining the saved classes, so that the folder loads with
+    `trust_remote_code=True` where this package is not installed. Subclasses list the Auto classes to name."""
+
+    remote_code_auto_map: ClassVar[dict[str, dict[str, str]]] = {}
+
+    def save_pretrained(self, save_directory, *args, push_to_hub: bool = False, **kwargs):
+        hub_kwargs = {
+            key: kwargs.pop(key)
+            for key in ("repo_id", "commit_message", "commit_description", "private", "create_pr", "revision")
+            if key in kwargs
+        }
+        saved = super().save_pretrained(save_directory, *args, **kwargs)
+        write_remote_code(save_directory, type(self).__module__, self.remote_code_auto_map)
+        if push_to_hub:
+            repo_id = hub_kwargs.pop("repo_id", Path(save_directory).name)
+            self.push_to_hub(repo_id, token=kwargs.get("token"), **hub_kwargs)
+        return saved
+
+
+class TokenPackerConfig(RemoteCodeMixin, PreTrainedConfig):
     r"""
     Configuration of a TokenPacker multimodal model: a CLIP-like vision tower, the TokenPacker projector and a causal
     language model, as in "TokenPacker: Efficient Visual Projector for Multimodal LLM" (arXiv 2407.02392).
@@ -52,6 +127,7 @@ class TokenPackerConfig(PreTrainedConfig):
     """
 
     model_type = "tokenpacker"
+    remote_code_auto_map = {"config.json": {"AutoConfig": "configuration_tokenpacker.TokenPackerConfig"}}
     sub_configs_defaults = {
         "vision_config": SubConfigSpec(
             config_class=AutoConfig,
@@ -92,6 +168,12 @@ class TokenPackerConfig(PreTrainedConfig):
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs):
+        if "mm_projector_type" in kwargs or "mm_vision_tower" in kwargs:
+            raise ValueError(
+                "This is an original TokenPacker checkpoint in the LLaVA folder layout (config.json with mm_* fields), "
+                "which this package does not load directly: convert it first with "
+                "`tokenpacker-convert --checkpoint <folder> --output <new folder>`"
+            )
         super().__post_init__(**kwargs)
         self.multi_level_feature_layers = list(self.multi_level_feature_layers)
         if not self.tie_word_embeddings and getattr(self.text_config, "tie_word_embeddings", False):
@@ -180,4 +262,4 @@ class TokenPackerConfig(PreTrainedConfig):
         return max(query_layer, *levels)
 
 
-__all__ = ["TokenPackerConfig"]
+__all__ = ["RemoteCodeMixin", "TokenPackerConfig", "remote_code_sources", "write_remote_code"]

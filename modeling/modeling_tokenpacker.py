@@ -25,7 +25,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from transformers.modeling_utils import slice_logits_to_keep
 from transformers.utils.deprecation import deprecate_kwarg
 
-from ..configuration.configuration_tokenpacker import TokenPackerConfig
+from ..configuration.configuration_tokenpacker import RemoteCodeMixin, TokenPackerConfig
 
 
 @dataclass
@@ -55,10 +55,58 @@ class TokenPackerMLP(nn.Module):
         return self.linear_2(self.act(self.linear_1(hidden_states)))
 
 
+class HeadBlockLinear(nn.Module):
+    """The parameters of a square Linear whose output rows form `num_heads` blocks, one block per attention head."""
+
+    def __init__(self, hidden_size: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = hidden_size // num_heads
+        self.weight = nn.Parameter(torch.empty(hidden_size, hidden_size))  # (out, in), out = heads * head_dim
+        self.bias = nn.Parameter(torch.empty(hidden_size))
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        bound = self.weight.shape[1] ** -0.5  # nn.Linear's default initialization
+        nn.init.uniform_(self.weight, -bound, bound)
+        nn.init.uniform_(self.bias, -bound, bound)
+
+    def extra_repr(self) -> str:
+        return f"hidden_size={self.weight.shape[1]}, num_heads={self.num_heads}"
+
+
+class KeyProjection(HeadBlockLinear):
+    """The keys' Linear, applied through the query: per head, q . (W k + b) = (W^T q) . k + q . b.
+
+    One product per query instead of one per key of its region.
+    """
+
+    def forward(self, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # query: (heads, regions, head_dim) -> (regions, heads, hidden) and the bias term (regions, heads, 1)
+        weight = self.weight.view(self.num_heads, self.head_dim, -1)
+        query_in_key_space = torch.bmm(query, weight).transpose(0, 1)
+        bias_term = torch.bmm(query, self.bias.view(self.num_heads, self.head_dim, 1)).transpose(0, 1)
+        return query_in_key_space, bias_term
+
+
+class ValueProjection(HeadBlockLinear):
+    """The values' Linear, applied per head after the attention weights a_j mixed the values.
+
+    The weights of a head sum to 1, so sum_j a_j (W v_j + b) = W (sum_j a_j v_j) + b: one product per query.
+    """
+
+    def forward(self, mixed_values: torch.Tensor) -> torch.Tensor:
+        # mixed_values: (regions, heads, hidden) -> (regions, heads, head_dim), head h through its own block of rows
+        weight = self.weight.view(self.num_heads, self.head_dim, -1).transpose(1, 2)
+        bias = self.bias.view(self.num_heads, 1, self.head_dim)
+        return torch.baddbmm(bias, mixed_values.transpose(0, 1), weight).transpose(0, 1)
+
+
 class RegionToPointAttention(nn.Module):
     """Multi-head attention in which each query sees only the keys and values of its own region.
 
-    All regions of all crops form one batch of tiny attention problems, solved by one scaled-dot-product call.
+    With one query per region, the key and value projections act through the query (`KeyProjection`,
+    `ValueProjection`): the same attention, without projecting the `region_size` keys and values of every region.
     """
 
     def __init__(self, hidden_size: int, num_heads: int):
@@ -66,17 +114,18 @@ class RegionToPointAttention(nn.Module):
         self.num_heads = num_heads
         self.head_dim = hidden_size // num_heads
         self.q_proj = nn.Linear(hidden_size, hidden_size)
-        self.k_proj = nn.Linear(hidden_size, hidden_size)
-        self.v_proj = nn.Linear(hidden_size, hidden_size)
+        self.k_proj = KeyProjection(hidden_size, num_heads)
+        self.v_proj = ValueProjection(hidden_size, num_heads)
         self.out_proj = nn.Linear(hidden_size, hidden_size)
 
     def forward(self, queries: torch.Tensor, region_keys: torch.Tensor, region_values: torch.Tensor) -> torch.Tensor:
-        # queries: (regions, 1, hidden); region_keys, region_values: (regions, region_size, hidden)
-        num_regions, region_size, hidden_size = region_keys.shape
-        query = self.q_proj(queries).view(num_regions, 1, self.num_heads, self.head_dim).transpose(1, 2)
-        key = self.k_proj(region_keys).view(num_regions, region_size, self.num_heads, self.head_dim).transpose(1, 2)
-        value = self.v_proj(region_values).view(num_regions, region_size, self.num_heads, self.head_dim).transpose(1, 2)
-        attended = F.scaled_dot_product_attention(query, key, value)  # (regions, heads, 1, head_dim)
+        # queries: (regions, hidden); region_keys, region_values: (regions, region_size, hidden)
+        num_regions, _, hidden_size = region_keys.shape
+        query = self.q_proj(queries).view(num_regions, self.num_heads, self.head_dim).transpose(0, 1)
+        query_in_key_space, bias_term = self.k_proj(query)
+        scores = torch.baddbmm(bias_term, query_in_key_space, region_keys.transpose(1, 2))  # (regions, heads, size)
+        weights = (scores * self.head_dim**-0.5).softmax(dim=-1, dtype=torch.float32).to(region_values.dtype)
+        attended = self.v_proj(torch.bmm(weights, region_values))  # (regions, heads, head_dim)
         return self.out_proj(attended.reshape(num_regions, hidden_size))
 
 
@@ -129,12 +178,19 @@ class TokenPackerProjector(nn.Module):
         queries = self.query_norm(self.query_proj(self.coarse_queries(patch_features)))
         region_keys = self.regions(self.key_norm(self.key_proj(multi_level_features)))
         region_values = self.regions(self.value_norm(self.value_proj(multi_level_features)))
-        packed = self.attention(queries.reshape(-1, 1, queries.shape[-1]), region_keys, region_values)
+        packed = self.attention(queries.reshape(-1, queries.shape[-1]), region_keys, region_values)
         return self.output_proj(packed.view(crops, -1, packed.shape[-1]))  # (crops, (grid/s)**2, text hidden)
 
 
-class TokenPackerPreTrainedModel(PreTrainedModel):
+class TokenPackerPreTrainedModel(RemoteCodeMixin, PreTrainedModel):
     config: TokenPackerConfig
+    remote_code_auto_map = {
+        "config.json": {
+            "AutoConfig": "configuration_tokenpacker.TokenPackerConfig",
+            "AutoModel": "modeling_tokenpacker.TokenPackerModel",
+            "AutoModelForImageTextToText": "modeling_tokenpacker.TokenPackerForConditionalGeneration",
+        }
+    }
     base_model_prefix = "model"
     input_modalities = ("image", "text")
     supports_gradient_checkpointing = True
@@ -147,7 +203,7 @@ class TokenPackerPreTrainedModel(PreTrainedModel):
     def _init_weights(self, module):
         if isinstance(module, TokenPackerProjector):
             for linear in module.modules():
-                if isinstance(linear, nn.Linear):
+                if isinstance(linear, (nn.Linear, HeadBlockLinear)):
                     init.trunc_normal_(linear.weight, std=self.config.initializer_range)
                     if linear.bias is not None:
                         init.zeros_(linear.bias)
@@ -181,7 +237,9 @@ class TokenPackerModel(TokenPackerPreTrainedModel):
         """(crops, 3, H, W) pixel values -> (crops, tokens per crop, text hidden) language-model inputs."""
         query_layer, levels = self.config.feature_layer_indices
         pixel_values = pixel_values.to(self.vision_tower.dtype)
-        hidden_states = self.vision_tower(pixel_values, output_hidden_states=True, return_dict=True).hidden_states
+        # Only the hidden states the projector reads are kept (the others come back as None).
+        kept = [query_layer, *levels]
+        hidden_states = self.vision_tower(pixel_values, output_hidden_states=kept, return_dict=True).hidden_states
         patch_features = hidden_states[query_layer][:, 1:]  # CLS dropped
         multi_level_features = torch.cat([hidden_states[layer][:, 1:] for layer in levels], dim=-1)
         return self.multi_modal_projector(patch_features, multi_level_features)

@@ -5,6 +5,7 @@ import os
 from transformers import BatchFeature, ProcessorMixin
 from transformers.image_utils import is_valid_image
 
+from ..configuration.configuration_tokenpacker import RemoteCodeMixin
 from .image_processing_tokenpacker import TokenPackerImageProcessor
 
 IMAGE_TOKEN = "<image>"
@@ -44,7 +45,7 @@ VICUNA_V1_CHAT_TEMPLATE = (
 )
 
 
-class TokenPackerProcessor(ProcessorMixin):
+class TokenPackerProcessor(RemoteCodeMixin, ProcessorMixin):
     r"""
     Turns images and prompts into TokenPacker's inputs, exactly as the original LLaVA-1.5 code does.
 
@@ -77,6 +78,13 @@ class TokenPackerProcessor(ProcessorMixin):
     """
 
     text_kwargs = {"padding": True, "padding_side": "left", "return_tensors": "pt"}
+    remote_code_auto_map = {
+        location: {
+            "AutoProcessor": "processing_tokenpacker.TokenPackerProcessor",
+            "AutoImageProcessor": "image_processing_tokenpacker.TokenPackerImageProcessor",
+        }
+        for location in ("processor_config.json", "processor_config.json/image_processor", "preprocessor_config.json")
+    } | {"tokenizer_config.json": {"AutoProcessor": "processing_tokenpacker.TokenPackerProcessor"}}
     supported_text_kwargs = (
         "add_special_tokens",
         "padding",

@@ -313,9 +313,12 @@ def test_save_and_load_round_trip_through_auto_image_processor(tmp_path):
     saved = json.loads((tmp_path / "preprocessor_config.json").read_text())
     assert saved["image_processor_type"] == "TokenPackerImageProcessor"
     assert saved["image_aspect_ratio"] == "slice" and saved["max_slices"] == 16
+    assert saved["auto_map"] == {"AutoImageProcessor": "image_processing_tokenpacker.TokenPackerImageProcessor"}
     for loaded in (TokenPackerImageProcessor.from_pretrained(tmp_path), AutoImageProcessor.from_pretrained(tmp_path)):
         assert type(loaded) is TokenPackerImageProcessor
-        assert loaded.to_dict() == processor.to_dict()
+        settings = loaded.to_dict()
+        assert settings.pop("auto_map") == saved["auto_map"]
+        assert settings == processor.to_dict()
         image = photo(500, 900)
         assert torch.equal(loaded(image)["pixel_values"], processor(image)["pixel_values"])
 

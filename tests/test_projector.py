@@ -71,3 +71,22 @@ def test_bfloat16_stays_close_to_float32():
         half = projector.to(torch.bfloat16)(x.bfloat16(), x_multi.bfloat16())
     assert half.dtype == torch.bfloat16
     assert (half.float() - full).abs().max() < 0.1 * full.abs().max()
+
+
+def test_gradients_match_the_original_formula():
+    # The key and value projections act through the query; training must see the original's gradients.
+    projector, original = projector_pair(32, 2, 32, 4, 48, 3, 12)
+    x, x_multi = torch.randn(2, 144, 32), torch.randn(2, 144, 64)
+    target = torch.randn(2, 16, 48)
+    ((projector(x, x_multi) - target) ** 2).sum().backward()
+    ((original(x, x_multi) - target) ** 2).sum().backward()
+    grads = {name: p.grad for name, p in original.named_parameters()}
+    ours = {name: p.grad for name, p in projector.named_parameters()}
+    in_proj_weight, in_proj_bias = grads["clip_attn.in_proj_weight"].chunk(3), grads["clip_attn.in_proj_bias"].chunk(3)
+    for index, name in enumerate(("q_proj", "k_proj", "v_proj")):
+        torch.testing.assert_close(ours[f"attention.{name}.weight"], in_proj_weight[index], atol=1e-3, rtol=1e-4)
+        torch.testing.assert_close(ours[f"attention.{name}.bias"], in_proj_bias[index], atol=1e-3, rtol=1e-4)
+    torch.testing.assert_close(ours["key_proj.linear_1.weight"], grads["k_proj_1.0.weight"], atol=1e-3, rtol=1e-4)
+    torch.testing.assert_close(ours["value_norm.weight"], grads["ln_v_1.weight"], atol=1e-3, rtol=1e-4)
+    torch.testing.assert_close(ours["query_proj.weight"], grads["q_proj_1.weight"], atol=1e-3, rtol=1e-4)
+    torch.testing.assert_close(ours["output_proj.linear_1.weight"], grads["mlp.0.weight"], atol=1e-3, rtol=1e-4)

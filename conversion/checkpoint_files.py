@@ -1,0 +1,167 @@
+"""Reading a checkpoint folder's weights one shard at a time, safely: safetensors, or torch.load(weights_only=True)."""
+
+import json
+import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+SAFETENSORS_SINGLE = "model.safetensors"
+TORCH_INDEX = "pytorch_model.bin.index.json"
+TORCH_SINGLE = "pytorch_model.bin"
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    shard: Path
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
+class CheckpointFiles:
+    """The weight files of one checkpoint folder: `model.safetensors` or `pytorch_model.bin`, single or sharded with
+    an index. `inventory()` reads every shard's table of contents (never its data) and checks it against the index."""
+
+    def __init__(self, folder: str | Path, what: str):
+        self.folder = Path(folder)
+        self.what = what
+        self.index, self.shards = self._find_shards()
+
+    def _find_shards(self) -> tuple[dict[str, str] | None, list[Path]]:
+        for index_name, single_name in ((SAFETENSORS_INDEX, SAFETENSORS_SINGLE), (TORCH_INDEX, TORCH_SINGLE)):
+            index_file = self.folder / index_name
+            if index_file.is_file():
+                index = self._read_index(index_file)
+                shards = sorted(set(index.values()))
+                missing = [name for name in shards if not (self.folder / name).is_file()]
+                if missing:
+                    raise FileNotFoundError(
+                        f"The {self.what} index {index_file} names shards that are not in {self.folder}: {missing}"
+                    )
+                return index, [self.folder / name for name in shards]
+            if (self.folder / single_name).is_file():
+                return None, [self.folder / single_name]
+        raise FileNotFoundError(
+            f"No weights in the {self.what} folder {self.folder}: expected {SAFETENSORS_INDEX}, {SAFETENSORS_SINGLE}, "
+            f"{TORCH_INDEX} or {TORCH_SINGLE}"
+        )
+
+    def _read_index(self, index_file: Path) -> dict[str, str]:
+        try:
+            weight_map = json.loads(index_file.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as error:
+            raise ValueError(f"{index_file} is not a weight index with a 'weight_map': {error}") from error
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ValueError(f"{index_file} has an empty or malformed 'weight_map'")
+        return weight_map
+
+    def inventory(self) -> dict[str, TensorInfo]:
+        """Every tensor's shard, shape and dtype. Raises on unreadable (e.g. truncated) shards and index mismatches."""
+        tensors = {}
+        for shard in self.shards:
+            with self.open(shard) as contents:
+                for name, (shape, dtype) in contents.table_of_contents().items():
+                    if name in tensors:
+                        raise ValueError(
+                            f"{name} is in two {self.what} shards: {tensors[name].shard.name} and {shard.name}"
+                        )
+                    tensors[name] = TensorInfo(shard, shape, dtype)
+        if self.index is not None:
+            listed = set(self.index)
+            misplaced = sorted(
+                name for name in listed if name not in tensors or tensors[name].shard.name != self.index[name]
+            )
+            unlisted = sorted(set(tensors) - listed)
+            if misplaced or unlisted:
+                raise ValueError(
+                    f"The {self.what} index does not match its shards: tensors not in the shard the index names: "
+                    f"{misplaced}; tensors the index does not list: {unlisted}"
+                )
+        return tensors
+
+    @contextmanager
+    def open(self, shard: Path) -> Iterator["ShardContents"]:
+        """A shard's tensors, loaded one at a time on request (memory-mapped where the format allows)."""
+        if shard.suffix == ".safetensors":
+            try:
+                with safe_open(shard, framework="pt") as handle:
+                    yield SafetensorsShard(handle)
+            except SafetensorError as error:
+                raise ValueError(f"Cannot read the {self.what} shard {shard}: {error} (is it truncated?)") from error
+        else:
+            contents = TorchShard(self._torch_load(shard))
+            try:
+                yield contents
+            finally:
+                contents.tensors.clear()
+
+    def _torch_load(self, shard: Path) -> dict[str, torch.Tensor]:
+        # The zip format (torch >= 1.6) is memory-mapped; the legacy format can only be read whole.
+        mmap = zipfile.is_zipfile(shard)
+        try:
+            state = torch.load(shard, map_location="cpu", mmap=mmap, weights_only=True)
+        except Exception as error:
+            raise ValueError(
+                f"Cannot read the {self.what} shard {shard}: {type(error).__name__}: {error} (is it truncated, or not "
+                "a torch checkpoint of plain tensors?)"
+            ) from error
+        if not isinstance(state, dict) or not all(
+            isinstance(name, str) and isinstance(tensor, torch.Tensor) for name, tensor in state.items()
+        ):
+            raise ValueError(f"The {self.what} shard {shard} is not a mapping of tensor names to tensors")
+        return state
+
+
+class SafetensorsShard:
+    def __init__(self, handle):
+        self.handle = handle
+
+    def table_of_contents(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        contents = {}
+        for name in self.handle.keys():
+            tensor_slice = self.handle.get_slice(name)
+            contents[name] = (tuple(tensor_slice.get_shape()), _SAFETENSORS_DTYPES[tensor_slice.get_dtype()])
+        return contents
+
+    def names(self) -> list[str]:
+        return list(self.handle.keys())
+
+    def get(self, name: str) -> torch.Tensor:
+        return self.handle.get_tensor(name)
+
+
+class TorchShard:
+    def __init__(self, tensors: dict[str, torch.Tensor]):
+        self.tensors = tensors
+
+    def table_of_contents(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        return {name: (tuple(tensor.shape), tensor.dtype) for name, tensor in self.tensors.items()}
+
+    def names(self) -> list[str]:
+        return list(self.tensors)
+
+    def get(self, name: str) -> torch.Tensor:
+        return self.tensors[name]
+
+
+ShardContents = SafetensorsShard | TorchShard
+
+__all__ = ["CheckpointFiles", "TensorInfo"]
