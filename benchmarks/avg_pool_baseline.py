@@ -9,6 +9,11 @@ the same base models and data, and both models answer the held-out scenes of `to
 
 The baseline is trained in memory and not saved (its projector is not a TokenPacker one); the scores are printed and
 written to `<output_dir>/accuracy.json`.
+
+Beside them, a linear probe tells whether the pooled features still hold the answers: a logistic regression (on the
+features standardized over the probe's training scenes) of the colour and the position from the frozen tower's
+features averaged as the baseline averages them, fitted on the training scenes train-0... and scored on the held-out
+scenes test-0... (`--probe_train`, `--probe_test`; 0 skips the probe).
 """
 
 import json
@@ -23,7 +28,7 @@ from transformers import HfArgumentParser, set_seed
 
 from tokenpacker import TokenPackerForConditionalGeneration, TokenPackerProcessor
 from tokenpacker.modeling.modeling_tokenpacker import TokenPackerMLP
-from tokenpacker.shapes import evaluate
+from tokenpacker.shapes import COLOURS, POSITIONS, evaluate, render_scene
 from tokenpacker.training import (
     DataArguments,
     ModelArguments,
@@ -57,6 +62,58 @@ class BenchmarkArguments:
     tokenpacker_model: str | None = field(
         default=None, metadata={"help": "The TokenPacker model trained with the same arguments, scored alongside."}
     )
+    probe_train: int = field(default=3000, metadata={"help": "Training scenes of the linear probe (0: no probe)."})
+    probe_test: int = field(default=600, metadata={"help": "Held-out scenes the linear probe is scored on."})
+
+
+@torch.no_grad()
+def pooled_features(model, processor, split: str, count: int, batch_size: int = 100) -> tuple[torch.Tensor, dict]:
+    """The average-pooled tower features of scenes 0..count-1 of `split`, flattened per scene, and their answers."""
+    captured = []
+    hook = model.model.multi_modal_projector.output_proj.register_forward_hook(
+        lambda module, inputs, output: captured.append(inputs[0].flatten(1))
+    )
+    answers = {"colour": [], "position": []}
+    positions = [name for row in POSITIONS for name in row]
+    try:
+        for start in range(0, count, batch_size):
+            scenes = [render_scene(split, index) for index in range(start, min(count, start + batch_size))]
+            pixel_values = processor.image_processor([scene.image for scene in scenes], return_tensors="pt")["pixel_values"]
+            model.model.get_image_features(pixel_values.to(model.device))
+            answers["colour"] += [sorted(COLOURS).index(scene.colour) for scene in scenes]
+            answers["position"] += [positions.index(scene.position) for scene in scenes]
+    finally:
+        hook.remove()
+    return torch.cat(captured).float().cpu(), {name: torch.tensor(labels) for name, labels in answers.items()}
+
+
+def linear_probe(model, processor, num_train: int, num_test: int) -> dict[str, float]:
+    """Held-out accuracy of a logistic regression of each answer on the pooled features (L-BFGS, L2 1e-3)."""
+    train_features, train_answers = pooled_features(model, processor, "train", num_train)
+    test_features, test_answers = pooled_features(model, processor, "test", num_test)
+    mean, std = train_features.mean(0), train_features.std(0) + 1e-6
+    train_features, test_features = (train_features - mean) / std, (test_features - mean) / std
+    accuracy = {}
+    for name, labels in train_answers.items():
+        classes = len(COLOURS) if name == "colour" else sum(map(len, POSITIONS))
+        weight = torch.zeros(train_features.shape[1], classes, requires_grad=True)
+        bias = torch.zeros(classes, requires_grad=True)
+        optimizer = torch.optim.LBFGS([weight, bias], max_iter=300)
+
+        def closure():
+            optimizer.zero_grad()
+            loss = F.cross_entropy(train_features @ weight + bias, labels) + 1e-3 * weight.pow(2).sum()
+            loss.backward()
+            return loss
+
+        optimizer.step(closure)
+        with torch.no_grad():
+            predicted = (test_features @ weight + bias).argmax(-1)
+        accuracy[name] = (predicted == test_answers[name]).float().mean().item()
+    # the spread of the pooled features over scenes, against their size: how much the shape moves them
+    raw = test_features * std + mean
+    accuracy["feature_spread_over_size"] = (raw.std(0).mean() / raw.abs().mean()).item()
+    return accuracy
 
 
 def main(argv: list[str]):
@@ -69,6 +126,10 @@ def main(argv: list[str]):
     make_trainer(model, processor, model_args, data_args, training_args).train()
 
     accuracy = {"avg_pool": evaluate(model, processor, benchmark_args.test_path)}
+    if benchmark_args.probe_train > 0:
+        accuracy["avg_pool_feature_probe"] = linear_probe(
+            model, processor, benchmark_args.probe_train, benchmark_args.probe_test
+        )
     if benchmark_args.tokenpacker_model is not None:
         tokenpacker = TokenPackerForConditionalGeneration.from_pretrained(benchmark_args.tokenpacker_model)
         accuracy["tokenpacker"] = evaluate(

@@ -7,11 +7,17 @@ the 15 or so around them, into one of 9 tokens. Every scene comes from its own s
 data are the same on every machine and the held-out scenes never appear in training.
 
     python -m tokenpacker.shapes data --output_dir runs/shapes --num_train 16000 --num_test 600
+
+`base` writes the random tower and language model that training starts from, `evaluate` scores a trained model on
+the held-out scenes and `ship` copies a trained model into the package (`tokenpacker/pretrained/tiny-shapes`), where
+the demo loads it. The README's Training section has the commands that make the shipped model.
 """
 
 import argparse
 import json
 import random
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +28,18 @@ from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaFo
 from .conversion import fast_tokenizer_from_sentencepiece, train_llama_sentencepiece
 from .processing.processing_tokenpacker import VICUNA_V1_SYSTEM_PROMPT
 
+PRETRAINED = Path(__file__).parent / "pretrained" / "tiny-shapes"
+# What a shipped model keeps of a trained folder: the package's own classes load it, so the generated remote code (and
+# the auto_map entries naming it) is left out, and so are the Trainer's pickled arguments.
+SHIPPED_FILES = (
+    "config.json",
+    "generation_config.json",
+    "model.safetensors",
+    "processor_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "chat_template.jinja",
+)
 IMAGE_SIZE = 336
 GRID = 3
 BACKGROUND = (224, 224, 224)
@@ -181,6 +199,43 @@ def evaluate(model, processor, data_path: str | Path, batch_size: int = 32) -> d
     return accuracy
 
 
+def without_auto_map(settings: dict) -> dict:
+    """`settings` without its `auto_map` entries, at the top level and in nested sections."""
+    return {
+        key: without_auto_map(value) if isinstance(value, dict) else value
+        for key, value in settings.items()
+        if key != "auto_map"
+    }
+
+
+def ship(model_dir: str | Path, output_dir: str | Path = PRETRAINED, force: bool = False) -> Path:
+    """Copies the files of a trained model that the package ships (`SHIPPED_FILES`, JSON without `auto_map`) into
+    `output_dir`, replacing an existing folder only with `force`. The copy is written beside the target and moved
+    into place once complete."""
+    model_dir, output_dir = Path(model_dir), Path(output_dir)
+    missing = [name for name in SHIPPED_FILES if not (model_dir / name).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{model_dir} is not a trained TokenPacker folder: it lacks {', '.join(missing)}")
+    if output_dir.exists() and any(output_dir.iterdir()) and not force:
+        raise FileExistsError(f"{output_dir} exists and is not empty: pass force=True (--force) to replace it")
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}-", dir=output_dir.parent))
+    staging.chmod(0o755)  # mkdtemp's folder is private; the shipped one is read by every user of the package
+    try:
+        for name in SHIPPED_FILES:
+            if name.endswith(".json"):
+                settings = without_auto_map(json.loads((model_dir / name).read_text()))
+                (staging / name).write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
+            else:
+                shutil.copyfile(model_dir / name, staging / name)
+        if output_dir.exists():
+            shutil.rmtree(output_dir)
+        staging.rename(output_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return output_dir
+
+
 def main(argv: list[str] | None = None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -193,8 +248,18 @@ def main(argv: list[str] | None = None):
     scores = commands.add_parser("evaluate", help="accuracy of a trained model on held-out scenes")
     scores.add_argument("--model", required=True, help="a TokenPacker folder")
     scores.add_argument("--data_path", required=True, help="test.json of `data`")
+    shipped = commands.add_parser("ship", help="copy a trained model into the package, where the demo loads it")
+    shipped.add_argument("--model", required=True, help="the trained TokenPacker folder")
+    shipped.add_argument("--output_dir", default=str(PRETRAINED), help="default: the package's tiny-shapes folder")
+    shipped.add_argument("--force", action="store_true", help="replace an existing folder")
     args = parser.parse_args(argv)
-    if args.command == "data":
+    if args.command == "ship":
+        try:
+            folder = ship(args.model, args.output_dir, args.force)
+        except (FileNotFoundError, FileExistsError) as error:
+            parser.error(str(error))
+        print(f"Copied {args.model} to {folder}")
+    elif args.command == "data":
         folder = write_dataset(args.output_dir, args.num_train, args.num_test)
         print(f"Wrote {args.num_train} training and {args.num_test} test scenes to {folder}")
     elif args.command == "base":
