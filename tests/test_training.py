@@ -2,6 +2,9 @@
 frozen parameters, Trainer checkpoints and LoRA."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import sentencepiece as spm
@@ -324,6 +327,38 @@ def test_the_command_saves_checkpoints_that_reload(workspace):
     prompt = processor.apply_chat_template([{"role": "user", "content": "<image>\nHow many shapes are there?"}], add_generation_prompt=True, tokenize=False)
     assert torch.equal(reloaded(images=scene.image, text=prompt)["input_ids"], processor(images=scene.image, text=prompt)["input_ids"])
 
+
+def test_the_command_trains_data_parallel_on_two_processes(workspace):
+    """`torchrun --nproc_per_node 2` (DDP over gloo on CPU): each step takes a batch on each process, so 2 steps of
+    2 scenes per process make one epoch of the 8 training scenes; the checkpoint and the final folder reload."""
+    output = workspace / "ddp"
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+        "-m", "tokenpacker.training",
+        "--vision_tower", str(workspace / "vision"),
+        "--language_model", str(workspace / "text"),
+        "--vision_feature_layer", "-1",
+        "--multi_level_feature_layers", "1", "2", "3", "4",
+        "--projector_num_heads", "4",
+        "--data_path", str(workspace / "data" / "train.json"),
+        "--output_dir", str(output),
+        "--per_device_train_batch_size", "2",
+        "--max_steps", "2",
+        "--save_steps", "2",
+        "--use_cpu",
+        "--report_to", "none",
+        "--disable_tqdm", "true",
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    state = json.loads((output / "checkpoint-2" / "trainer_state.json").read_text())
+    assert state["global_step"] == 2 and state["epoch"] == 1.0
+    final = TokenPackerForConditionalGeneration.from_pretrained(output)
+    checkpoint = TokenPackerForConditionalGeneration.from_pretrained(output / "checkpoint-2")
+    initial, _ = new_model(workspace)
+    assert not torch.equal(final.lm_head.weight, initial.lm_head.weight)
+    for name, weight in final.state_dict().items():
+        assert torch.equal(weight, checkpoint.state_dict()[name]), name
 
 def test_lora_trains_adapters_and_saves_a_merged_model(workspace):
     pytest.importorskip("peft")
