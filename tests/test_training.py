@@ -295,27 +295,28 @@ def test_the_projector_and_the_tower_can_have_learning_rates_of_their_own(worksp
     assert optimizer.param_groups[0]["lr"] == 1e-3  # the one the Trainer logs
 
 
+def command_arguments(workspace, output) -> list[str]:
+    """`tokenpacker-train` arguments: a new model from the workspace's tower and language model, 2 steps of 2 scenes
+    per process, a checkpoint at step 2."""
+    return [
+        "--vision_tower", str(workspace / "vision"),
+        "--language_model", str(workspace / "text"),
+        "--vision_feature_layer", "-1",
+        "--multi_level_feature_layers", "1", "2", "3", "4",
+        "--projector_num_heads", "4",
+        "--data_path", str(workspace / "data" / "train.json"),
+        "--output_dir", str(output),
+        "--per_device_train_batch_size", "2",
+        "--max_steps", "2",
+        "--save_steps", "2",
+        "--use_cpu",
+        "--report_to", "none",
+        "--disable_tqdm", "true",
+    ]  # fmt: skip
+
 def test_the_command_saves_checkpoints_that_reload(workspace):
     output = workspace / "cli"
-    main(
-        [
-            "--vision_tower", str(workspace / "vision"),
-            "--language_model", str(workspace / "text"),
-            "--vision_feature_layer", "-1",
-            "--multi_level_feature_layers", "1", "2", "3", "4",
-            "--projector_num_heads", "4",
-            "--data_path", str(workspace / "data" / "train.json"),
-            "--output_dir", str(output),
-            "--per_device_train_batch_size", "2",
-            "--max_steps", "2",
-            "--save_steps", "2",
-            "--activation_checkpointing",
-            "--bf16",
-            "--use_cpu",
-            "--report_to", "none",
-            "--disable_tqdm", "true",
-        ]
-    )  # fmt: skip
+    main([*command_arguments(workspace, output), "--activation_checkpointing", "--bf16"])
     checkpoint = TokenPackerForConditionalGeneration.from_pretrained(output / "checkpoint-2")
     final = TokenPackerForConditionalGeneration.from_pretrained(output)
     for name, weight in final.state_dict().items():
@@ -332,23 +333,8 @@ def test_the_command_trains_data_parallel_on_two_processes(workspace):
     """`torchrun --nproc_per_node 2` (DDP over gloo on CPU): each step takes a batch on each process, so 2 steps of
     2 scenes per process make one epoch of the 8 training scenes; the checkpoint and the final folder reload."""
     output = workspace / "ddp"
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-        "-m", "tokenpacker.training",
-        "--vision_tower", str(workspace / "vision"),
-        "--language_model", str(workspace / "text"),
-        "--vision_feature_layer", "-1",
-        "--multi_level_feature_layers", "1", "2", "3", "4",
-        "--projector_num_heads", "4",
-        "--data_path", str(workspace / "data" / "train.json"),
-        "--output_dir", str(output),
-        "--per_device_train_batch_size", "2",
-        "--max_steps", "2",
-        "--save_steps", "2",
-        "--use_cpu",
-        "--report_to", "none",
-        "--disable_tqdm", "true",
-    ]  # fmt: skip
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    command = [*launcher, "-m", "tokenpacker.training", *command_arguments(workspace, output)]
     result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     state = json.loads((output / "checkpoint-2" / "trainer_state.json").read_text())
