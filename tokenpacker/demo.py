@@ -25,10 +25,9 @@ from transformers import AutoModelForImageTextToText, AutoProcessor, pipeline
 
 from . import TokenPackerConfig, TokenPackerForConditionalGeneration, TokenPackerProcessor, __version__
 from .conversion import fast_tokenizer_from_sentencepiece, train_llama_sentencepiece
-from .shapes import QUESTIONS, render_scene
+from .shapes import PRETRAINED, QUESTIONS, render_scene
 
 DEMO_IMAGE = files("tokenpacker") / "assets" / "demo.png"
-TRAINED_MODEL = Path(str(files("tokenpacker") / "pretrained" / "tiny-shapes"))
 QUESTION = "What shapes are in this image, and what colour are they?"
 LLAVA_VISUAL_TOKENS = 576  # LLaVA-1.5's MLP projector: one token per CLIP ViT-L/14-336 patch
 VOCABULARY_WORDS = (
@@ -147,14 +146,14 @@ def visual_token_summary(processor: TokenPackerProcessor, image: Image.Image) ->
 def trained_model_demo(scene_index: int, question: str | None, max_new_tokens: int) -> int:
     """The shipped tiny-shapes model answers questions about a held-out scene."""
     load_start = time.perf_counter()
-    model = AutoModelForImageTextToText.from_pretrained(TRAINED_MODEL)
-    processor = AutoProcessor.from_pretrained(TRAINED_MODEL)
+    model = AutoModelForImageTextToText.from_pretrained(PRETRAINED)
+    processor = AutoProcessor.from_pretrained(PRETRAINED)
     answerer = pipeline("image-text-to-text", model=model, processor=processor)
     load_seconds = time.perf_counter() - load_start
     scene = render_scene("test", scene_index)
     truths = {text: getattr(scene, attribute) for attribute, text in QUESTIONS.items()}
     questions = [question] if question is not None else list(truths)
-    print(f"Model: {TRAINED_MODEL} (trained on tiny shapes; `--random` for the random-weight model)")
+    print(f"Model: {PRETRAINED} (trained on tiny shapes; `--random` for the random-weight model)")
     print(f"Image: held-out tiny-shapes scene {scene_index}: a {scene.colour} {scene.kind}, {scene.position}")
     answer_start = time.perf_counter()
     for text in questions:
