@@ -9,6 +9,7 @@ same command once more. Every request to the Hub or its storage gives up after `
 
 import argparse
 import bz2
+import io
 import json
 import lzma
 import os
@@ -43,7 +44,7 @@ DEFAULT_COMMIT_MESSAGE = "Upload TokenPacker checkpoint"
 DEFAULT_TIMEOUT_S = 60.0
 RETRY_HINT = "nothing was published; run the command again"
 SNIFF_BYTES = 64
-COMPRESSED_SNIFF_BYTES = 64 * 1024
+COMPRESSED_SNIFF_BYTES = 64 * 1024  # also enough for an array header
 PICKLE_OPCODES = frozenset(opcode.code.encode("latin-1") for opcode in pickletools.opcodes)
 NPY_MAGIC = b"\x93NUMPY"
 ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")
@@ -166,8 +167,9 @@ def _is_safetensors_header(head: bytes, size: int) -> bool:
 
 
 def _npy_holds_objects(stream) -> bool:
+    """Whether a .npy header declares a dtype with Python objects (which numpy stores pickled)."""
     try:
-        version = np.lib.format.read_magic(stream)
+        version = np.lib.format.read_magic(stream)  # versions 2 and 3 differ only in the header's text encoding
         read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
         _, _, dtype = read_header(stream, max_header_size=1 << 20)
     except ValueError:  # an unreadable header is treated like one that declares objects
@@ -183,12 +185,11 @@ def _zip_pickles(path: Path) -> str | None:
             pickles = [name for name in names if name.lower().endswith((".pkl", ".pickle"))]
             if pickles:
                 return f"a zip archive with pickle members ({_few(pickles)})"
-            for name in names:
+            for name in names:  # numpy reads every member that opens like an array as one, whatever its name
                 with archive.open(name) as member:
-                    if member.read(len(NPY_MAGIC)) == NPY_MAGIC:
-                        with archive.open(name) as array:
-                            if _npy_holds_objects(array):
-                                return f"a zip archive whose {name} is a numpy array of Python objects"
+                    head = member.read(COMPRESSED_SNIFF_BYTES)
+                if head.startswith(NPY_MAGIC) and _npy_holds_objects(io.BytesIO(head)):
+                    return f"a zip archive whose {name} is a numpy array of Python objects"
     except (zipfile.BadZipFile, OSError, RuntimeError, NotImplementedError):  # not a zip numpy or torch can read
         return None
     return None
@@ -199,7 +200,7 @@ def check_no_pickles(folder: Path, files: list[FileToUpload]) -> None:
     found = {}
     for file in files:
         if file.path_in_repo.lower().endswith(PICKLE_SUFFIXES):
-            found[file.path_in_repo] = "a pickle file name"
+            found[file.path_in_repo] = "named like a pickle file"
         elif (content := pickled_content(file.local_path)) is not None:
             found[file.path_in_repo] = content
     if found:
