@@ -1,14 +1,22 @@
 """Publishing a TokenPacker checkpoint folder to the Hugging Face Hub in one commit.
 
 The folder is checked before anything is sent: it must load as a TokenPacker checkpoint (config and safetensors
-weights that match the model), hold no pickle files, and carry a model card with Hub metadata. The upload goes
-through `huggingface_hub`: large files take its LFS path, and objects the Hub already holds are not sent again, so
-an interrupted upload finishes by running the same command once more.
+weights that match the model), hold no symbolic links and no pickled data (recognised by content, whatever the
+file's name), and carry a model card with Hub metadata. The upload goes through `huggingface_hub`: large files take
+its LFS path, and objects the Hub already holds are not sent again, so an interrupted upload finishes by running the
+same command once more. Every request to the Hub or its storage gives up after `timeout` seconds without an answer.
 """
 
 import argparse
+import bz2
+import io
 import json
+import lzma
+import os
+import pickletools
 import sys
+import zipfile
+import zlib
 from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -16,11 +24,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx2
+import numpy as np
 import torch
 import yaml
-from huggingface_hub import CommitInfo, CommitOperationAdd, HfApi, ModelCard, get_token
+from huggingface_hub import CommitInfo, CommitOperationAdd, HfApi, ModelCard, get_token, set_client_factory
 from huggingface_hub.errors import HfHubHTTPError
 from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, HFValidationError, filter_repo_objects, validate_repo_id
+from huggingface_hub.utils._http import default_client_factory, hf_request_event_hook
 from safetensors import SafetensorError, safe_open
 
 from ..configuration import TokenPackerConfig
@@ -31,11 +41,58 @@ PIPELINE_TAG = "image-text-to-text"
 SINGLE_WEIGHTS = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
 DEFAULT_COMMIT_MESSAGE = "Upload TokenPacker checkpoint"
-RETRY_HINT = "nothing was published; run the command again (files the Hub already received are not sent again)"
+DEFAULT_TIMEOUT_S = 60.0
+RETRY_HINT = "nothing was published; run the command again"
+SNIFF_BYTES = 64
+COMPRESSED_SNIFF_BYTES = 64 * 1024  # also enough for an array header
+PICKLE_OPCODES = frozenset(opcode.code.encode("latin-1") for opcode in pickletools.opcodes)
+NPY_MAGIC = b"\x93NUMPY"
+ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")
+# stream magic -> a decompressor for it (the compressions joblib writes its pickles with)
+COMPRESSED_STREAMS = {
+    b"\x1f\x8b": lambda: zlib.decompressobj(wbits=31),
+    b"\x78\x01": zlib.decompressobj,
+    b"\x78\x5e": zlib.decompressobj,
+    b"\x78\x9c": zlib.decompressobj,
+    b"\x78\xda": zlib.decompressobj,
+    b"BZh": bz2.BZ2Decompressor,
+    b"\xfd7zXZ\x00": lzma.LZMADecompressor,
+    b"]\x00\x00": lzma.LZMADecompressor,
+}
 
 
 class PublishError(RuntimeError):
     """The Hub or the connection to it refused the upload."""
+
+
+class HubTimeout(httpx2.TransportError):
+    """A request got no answer in time. Not one of the errors huggingface_hub retries: the command stops at once."""
+
+
+class TimeLimitedClient(httpx2.Client):
+    """An HTTP client that sends every request with the client's timeout, whatever timeout the caller passed."""
+
+    def send(self, request: httpx2.Request, **kwargs) -> httpx2.Response:
+        request.extensions["timeout"] = self.timeout.as_dict()
+        try:
+            return super().send(request, **kwargs)
+        except httpx2.TimeoutException as err:
+            raise HubTimeout(f"no answer within {self.timeout.read:g} s", request=request) from err
+
+
+@contextmanager
+def hub_requests_time_out(seconds: float) -> Iterator[None]:
+    """Makes every request huggingface_hub sends (API calls and uploads to storage) give up after `seconds`."""
+
+    def client_factory() -> httpx2.Client:
+        hooks = {"request": [hf_request_event_hook]}
+        return TimeLimitedClient(event_hooks=hooks, follow_redirects=True, timeout=seconds)
+
+    set_client_factory(client_factory)
+    try:
+        yield
+    finally:
+        set_client_factory(default_client_factory)
 
 
 @dataclass(frozen=True)
@@ -58,20 +115,120 @@ class PublishResult:
 
 
 def list_folder_files(folder: Path) -> list[FileToUpload]:
-    """Every file of the folder that an upload would send, sorted, with the Hub's default ignores applied."""
-    relative_paths = sorted(path.relative_to(folder).as_posix() for path in folder.rglob("*") if path.is_file())
-    kept = filter_repo_objects(relative_paths, ignore_patterns=DEFAULT_IGNORE_PATTERNS)
-    return [FileToUpload(path, folder / path, (folder / path).stat().st_size) for path in kept]
+    """Every file of the folder that an upload would send, sorted, with the Hub's default ignores applied.
+
+    Symbolic links (to files or folders) are refused, and so is any file whose real path is outside the folder."""
+    entries = []  # every path below the folder, links included and not followed
+    for directory, folders, names in os.walk(folder):
+        entries += [Path(directory, name) for name in folders + names]
+    relative = {path.relative_to(folder).as_posix(): path for path in entries}
+    kept = sorted(filter_repo_objects(list(relative), ignore_patterns=DEFAULT_IGNORE_PATTERNS))
+    links = [path for path in kept if relative[path].is_symlink()]
+    if links:
+        raise ValueError(f"{folder} holds symbolic links, which are not published (copy the files in): {links}")
+    root = folder.resolve()
+    outside = [path for path in kept if not relative[path].resolve().is_relative_to(root)]
+    if outside:
+        raise ValueError(f"{folder} holds paths that resolve outside it, which are not published: {outside}")
+    files = [path for path in kept if relative[path].is_file()]
+    return [FileToUpload(path, relative[path], relative[path].stat().st_size) for path in files]
+
+
+def pickled_content(path: Path) -> str | None:
+    """What pickled data the file holds, judged by its first bytes (and a zip's directory), or None. Loads nothing."""
+    with path.open("rb") as stream:
+        head = stream.read(SNIFF_BYTES)
+        if head.startswith(NPY_MAGIC):
+            stream.seek(0)
+            return "a numpy array of Python objects" if _npy_holds_objects(stream) else None
+        if head.startswith(ZIP_MAGICS):
+            return _zip_pickles(path)
+        if _is_pickle_stream(head) and not _is_safetensors_header(head, path.stat().st_size):
+            return f"a pickle (protocol {head[1]})"
+        for magic, decompressor in COMPRESSED_STREAMS.items():
+            if head.startswith(magic):
+                stream.seek(0)
+                try:
+                    start = decompressor().decompress(stream.read(COMPRESSED_SNIFF_BYTES), SNIFF_BYTES)
+                except (OSError, ValueError, EOFError, zlib.error, lzma.LZMAError):  # not that compression after all
+                    return None
+                return "a compressed pickle" if _is_pickle_stream(start) else None
+    return None
+
+
+def _is_pickle_stream(head: bytes) -> bool:
+    """Pickle protocols 2 to 5 (torch's legacy format included) open with PROTO, its number, then an opcode."""
+    return len(head) >= 3 and head[0] == 0x80 and 2 <= head[1] <= 5 and head[2:3] in PICKLE_OPCODES
+
+
+def _is_safetensors_header(head: bytes, size: int) -> bool:
+    """A safetensors file opens with its header's length (8 bytes, little-endian) and then the header's '{'."""
+    return len(head) > 8 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") + 8 <= size
+
+
+def _npy_holds_objects(stream) -> bool:
+    """Whether a .npy header declares a dtype with Python objects (which numpy stores pickled)."""
+    try:
+        version = np.lib.format.read_magic(stream)  # versions 2 and 3 differ only in the header's text encoding
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        _, _, dtype = read_header(stream, max_header_size=1 << 20)
+    except ValueError:  # an unreadable header is treated like one that declares objects
+        return True
+    return dtype.hasobject
+
+
+def _zip_pickles(path: Path) -> str | None:
+    """Torch's zip checkpoints keep their pickle in `*.pkl` members; .npz archives keep arrays in `*.npy` members."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+            pickles = [name for name in names if name.lower().endswith((".pkl", ".pickle"))]
+            if pickles:
+                return f"a zip archive with pickle members ({_few(pickles)})"
+            for name in names:  # numpy reads every member that opens like an array as one, whatever its name
+                with archive.open(name) as member:
+                    head = member.read(COMPRESSED_SNIFF_BYTES)
+                if head.startswith(NPY_MAGIC) and _npy_holds_objects(io.BytesIO(head)):
+                    return f"a zip archive whose {name} is a numpy array of Python objects"
+    except (zipfile.BadZipFile, OSError, RuntimeError, NotImplementedError):  # not a zip numpy or torch can read
+        return None
+    return None
+
+
+def check_no_pickles(folder: Path, files: list[FileToUpload]) -> None:
+    """Refuses pickle files: named like one, or holding pickled data whatever their name."""
+    found = {}
+    for file in files:
+        if file.path_in_repo.lower().endswith(PICKLE_SUFFIXES):
+            found[file.path_in_repo] = "named like a pickle file"
+        elif (content := pickled_content(file.local_path)) is not None:
+            found[file.path_in_repo] = content
+    if found:
+        details = "; ".join(f"{path}: {content}" for path, content in found.items())
+        raise ValueError(
+            f"{folder} holds pickle files, which are not published (convert them to safetensors): {list(found)} "
+            f"({details})"
+        )
+
+
+def read_json(path: Path, what: str):
+    """The parsed content of a JSON file; a ValueError naming the file if it is not UTF-8 JSON."""
+    try:
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start}): expected {what}") from err
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON: {err}") from err
 
 
 def load_checkpoint_config(folder: Path) -> TokenPackerConfig:
     config_path = folder / "config.json"
     if not config_path.is_file():
         raise ValueError(f"{folder} is not a TokenPacker checkpoint: config.json is missing")
-    try:
-        model_type = json.loads(config_path.read_text(encoding="utf-8")).get("model_type")
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{config_path} is not valid JSON: {err}") from err
+    config = read_json(config_path, "a JSON model configuration")
+    if not isinstance(config, dict):
+        raise ValueError(f"{config_path} must hold a JSON object, got {type(config).__name__}")
+    model_type = config.get("model_type")
     if model_type != TokenPackerConfig.model_type:
         raise ValueError(f"{config_path} has model_type {model_type!r}, expected {TokenPackerConfig.model_type!r}")
     try:
@@ -91,10 +248,13 @@ def weight_files(folder: Path) -> dict[str, list[str] | None]:
                 f"found safetensors files {on_disk}"
             )
         return {SINGLE_WEIGHTS: None}
-    try:
-        weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
-        raise ValueError(f"{index_path} is not a safetensors index with a 'weight_map': {err}") from err
+    index = read_json(index_path, "a safetensors index")
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict):
+        raise ValueError(f"{index_path} is not a safetensors index: expected a JSON object with a 'weight_map' object")
+    not_file_names = sorted(f"{name}: {shard!r}" for name, shard in weight_map.items() if not isinstance(shard, str))
+    if not_file_names:
+        raise ValueError(f"{index_path} maps tensors to shard names that are not strings: {_few(not_file_names)}")
     shards: dict[str, list[str]] = defaultdict(list)
     for name, shard in weight_map.items():
         shards[shard].append(name)
@@ -154,7 +314,11 @@ def check_model_card(folder: Path) -> ModelCard:
     if not card_path.is_file():
         raise ValueError(f"{folder} has no model card: write a README.md with Hub metadata before publishing")
     try:
-        card = ModelCard.load(card_path)
+        text = card_path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{card_path} is not UTF-8 text ({err.reason} at byte {err.start})") from err
+    try:
+        card = ModelCard(text)
     except (ValueError, yaml.YAMLError) as err:
         raise ValueError(f"the metadata block of {card_path} is not a valid YAML mapping: {err}") from err
     metadata = card.data
@@ -172,11 +336,8 @@ def check_checkpoint_folder(folder: str | Path) -> list[FileToUpload]:
     if not folder.is_dir():
         raise ValueError(f"expected a checkpoint folder, got {str(folder)!r}, which is not a directory")
     files = list_folder_files(folder)
-    pickles = [file.path_in_repo for file in files if file.path_in_repo.lower().endswith(PICKLE_SUFFIXES)]
-    if pickles:
-        raise ValueError(
-            f"{folder} holds pickle files, which are not published (convert them to safetensors): {pickles}"
-        )
+    check_no_pickles(folder, files)
+    read_weight_shapes(folder)  # the weights' table of contents is checked before the config builds anything
     config = load_checkpoint_config(folder)
     check_weights_match_model(folder, config)
     check_model_card(folder)
@@ -204,6 +365,11 @@ def hub_step(action: str, endpoint: str) -> Iterator[None]:
 
 
 def _publish_error(err: Exception, action: str, endpoint: str) -> PublishError:
+    if isinstance(err, HubTimeout):
+        url = err.request.url
+        origin = f"{url.scheme}://{url.netloc.decode('ascii')}"
+        server = endpoint if endpoint.startswith(origin) else f"{origin} (storage of the Hub at {endpoint})"
+        return PublishError(f"{server} sent {err} while {action}; {RETRY_HINT}")
     if isinstance(err, httpx2.TransportError):
         cause = f"{type(err).__name__}: {err}"
         return PublishError(f"the connection to {endpoint} failed while {action} ({cause}); {RETRY_HINT}")
@@ -213,6 +379,13 @@ def _publish_error(err: Exception, action: str, endpoint: str) -> PublishError:
         return PublishError(f"the Hub rejected the token (401 Unauthorized) while {action}: {detail}")
     if status == 403:
         return PublishError(f"the token may not write there (403 Forbidden) while {action}: {detail}")
+    if status == 429:
+        wait = err.response.headers.get("Retry-After")
+        when = f"in {wait} s" if wait else "later"
+        return PublishError(
+            f"the Hub at {endpoint} limits the request rate (429 Too Many Requests) while {action}: {detail}; "
+            f"{RETRY_HINT} {when}"
+        )
     if status is not None and status >= 500:
         return PublishError(f"the Hub failed with a server error ({status}) while {action}: {detail}; {RETRY_HINT}")
     return PublishError(f"the Hub answered {status} while {action}: {detail}")
@@ -228,10 +401,15 @@ def publish_folder(
     token: str | None = None,
     dry_run: bool = False,
     endpoint: str | None = None,
+    timeout: float = DEFAULT_TIMEOUT_S,
 ) -> PublishResult:
     """Uploads a TokenPacker checkpoint folder to `repo_id` in one commit, creating the repository (and the branch
-    `revision`) when needed. The token defaults to HF_TOKEN or the saved login. `dry_run` checks and lists only."""
+    `revision`) when needed. The token defaults to HF_TOKEN or the saved login. `dry_run` checks and lists only.
+    Each request gives up after `timeout` seconds without an answer; a repository this call created is deleted
+    again if the upload fails."""
     check_repo_id(repo_id)
+    if not timeout > 0:
+        raise ValueError(f"timeout must be a positive number of seconds, got {timeout}")
     files = check_checkpoint_folder(folder)
     branch = revision or "main"
     if dry_run:
@@ -240,21 +418,40 @@ def publish_folder(
     if not token:
         raise PublishError("no Hugging Face token: pass --token, set HF_TOKEN or log in with `hf auth login`")
     api = HfApi(endpoint=endpoint, token=token)
-    with hub_step("checking the token", api.endpoint):
-        user = api.whoami()["name"]
-    if "/" not in repo_id:
-        repo_id = f"{user}/{repo_id}"
-    with hub_step(f"creating the repository {repo_id}", api.endpoint):
-        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+    with hub_requests_time_out(timeout):
+        with hub_step("checking the token", api.endpoint):
+            user = api.whoami()["name"]
+        if "/" not in repo_id:
+            repo_id = f"{user}/{repo_id}"
+        with hub_step(f"creating the repository {repo_id}", api.endpoint):
+            existed = api.repo_exists(repo_id)
+            repo_id = api.create_repo(repo_id, private=private, exist_ok=existed).repo_id
+        try:
+            commit = _commit_folder(api, repo_id, branch, files, commit_message or DEFAULT_COMMIT_MESSAGE)
+        except PublishError as err:
+            if existed:
+                raise
+            raise PublishError(f"{err}; {_delete_new_repository(api, repo_id)}") from err
+    return PublishResult(repo_id, branch, files, commit)
+
+
+def _commit_folder(api: HfApi, repo_id: str, branch: str, files: list[FileToUpload], message: str) -> CommitInfo:
     if branch != "main":
         with hub_step(f"creating the branch {branch!r}", api.endpoint):
             api.create_branch(repo_id, branch=branch, exist_ok=True)
     operations = [CommitOperationAdd(file.path_in_repo, file.local_path) for file in files]
     with hub_step(f"uploading {len(files)} files to {repo_id}", api.endpoint):
-        commit = api.create_commit(
-            repo_id, operations, commit_message=commit_message or DEFAULT_COMMIT_MESSAGE, revision=branch
-        )
-    return PublishResult(repo_id, branch, files, commit)
+        return api.create_commit(repo_id, operations, commit_message=message, revision=branch)
+
+
+def _delete_new_repository(api: HfApi, repo_id: str) -> str:
+    """Deletes the repository this command created for an upload that failed; says how that went."""
+    try:
+        with hub_step(f"deleting the new repository {repo_id}", api.endpoint):
+            api.delete_repo(repo_id)
+    except PublishError as err:
+        return f"the repository {repo_id}, created by this command, is left empty: {err}"
+    return f"the repository {repo_id}, created by this command, was deleted again"
 
 
 def _few(names: list[str], limit: int = 5) -> str:
@@ -282,6 +479,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--token", help="Hub token (default: HF_TOKEN, then the saved login)")
     parser.add_argument("--dry-run", action="store_true", help="check the folder and list the files; send nothing")
     parser.add_argument("--endpoint", help="Hub endpoint (default: HF_ENDPOINT, then the public Hub)")
+    parser.add_argument(
+        "--timeout", type=float, default=DEFAULT_TIMEOUT_S, metavar="SECONDS",
+        help=f"give up when the Hub or its storage sends no answer for this long (default: {DEFAULT_TIMEOUT_S:g})",
+    )
     return parser
 
 
@@ -297,9 +498,11 @@ def main(argv: list[str] | None = None) -> int:
             token=args.token,
             dry_run=args.dry_run,
             endpoint=args.endpoint,
+            timeout=args.timeout,
         )
     except (ValueError, TypeError, PublishError) as err:
-        print(f"tokenpacker-publish: error: {err}", file=sys.stderr)
+        message = "; ".join(line.strip() for line in str(err).splitlines() if line.strip())
+        print(f"tokenpacker-publish: error: {message}", file=sys.stderr)
         return 1
     if result.commit is None:
         print(f"Dry run: would upload to {result.repo_id} (branch {result.revision}):\n{_describe_files(result)}")

@@ -3,8 +3,9 @@ download a model repository (standard library only).
 
 Two origins on 127.0.0.1, like the Hub and its object storage: the Hub API (repositories, commits, LFS batch,
 downloads) and a storage origin that takes LFS uploads at one-time URLs and serves LFS objects at signed URLs.
-Xet is never advertised. Tests can make a route fail (`fail`), hold LFS uploads to interrupt a client
-(`hold_lfs_uploads`) and count the bytes each route received (`bytes_received`).
+Xet is never advertised. Tests can make a route fail (`fail`), take a request's body and never answer (`stall`),
+hold LFS uploads to interrupt a client (`hold_lfs_uploads`) and count the bytes each route received
+(`bytes_received`). `SilentServer` accepts connections and never answers at all.
 """
 
 import base64
@@ -95,6 +96,10 @@ class DroppedConnection(Exception):
     """Close the socket without answering."""
 
 
+class Stalled(Exception):
+    """Read the request's body, then answer nothing until the server stops."""
+
+
 class HubServer:
     """Start with `with HubServer(tokens={"hf_token": "alice"}) as server:`; `server.endpoint` is the Hub URL."""
 
@@ -114,6 +119,7 @@ class HubServer:
         self._upload_quota: int | None = None
         self._held_uploads = 0
         self._release = threading.Event()
+        self._stopped = threading.Event()
         self._changed = threading.Condition()
         self._servers: list[ThreadingHTTPServer] = []
         self._threads: list[threading.Thread] = []
@@ -140,6 +146,7 @@ class HubServer:
         self.storage_endpoint = f"http://127.0.0.1:{self._servers[1].server_address[1]}"
 
     def stop(self) -> None:
+        self._stopped.set()
         self._release.set()
         for server in self._servers:
             server.shutdown()
@@ -152,6 +159,10 @@ class HubServer:
     def fail(self, route: str, status: int | None = None, *, drop: bool = False) -> None:
         """Answer every request to `route` with `status`, or close the connection unanswered (`drop=True`)."""
         self._failures[route] = "drop" if drop else status
+
+    def stall(self, route: str) -> None:
+        """Take the whole body of every request to `route` and never answer (until the server stops)."""
+        self._failures[route] = "stall"
 
     def clear_failures(self) -> None:
         self._failures.clear()
@@ -201,6 +212,8 @@ class HubServer:
         failure = self._failures.get(route)
         if failure == "drop":
             raise DroppedConnection
+        if failure == "stall":
+            raise Stalled
         if failure is not None:
             raise HubError(failure, f"Injected failure on {route}")
 
@@ -267,6 +280,9 @@ class _Handler(BaseHTTPRequestHandler):
     def do_PUT(self):
         self._dispatch()
 
+    def do_DELETE(self):
+        self._dispatch()
+
     def _dispatch(self) -> None:
         url = urlsplit(self.path)
         self.query = parse_qs(url.query)
@@ -292,6 +308,12 @@ class _Handler(BaseHTTPRequestHandler):
             if err.code:
                 headers["X-Error-Code"] = err.code
             self._send_json({"error": err.message, **err.fields}, status, headers)
+        except Stalled:
+            self._drain()
+            self.hub._notify()
+            self.hub._stopped.wait(timeout=HOLD_TIMEOUT_S)
+            status = 0
+            self.close_connection = True
         except DroppedConnection:
             status = 0
             self.close_connection = True
@@ -359,6 +381,7 @@ class _HubHandler(_Handler):
     routes = _routes(
         ("GET", r"/api/whoami-v2", "whoami"),
         ("POST", r"/api/repos/create", "create_repo"),
+        ("DELETE", r"/api/repos/delete", "delete_repo"),
         ("POST", r"/api/validate-yaml", "validate_yaml"),
         ("GET", rf"/api/models/{REPO}(?:/revision/(?P<revision>[^/]+))?", "repo_info"),
         ("POST", rf"/api/models/{REPO}/branch/(?P<branch>[^/]+)", "create_branch"),
@@ -400,6 +423,15 @@ class _HubHandler(_Handler):
             repo.branches["main"] = initial.oid
             self.hub.repos[repo_id] = repo
         return self._send_json({"url": url, "name": repo_id, "id": repo_id})
+
+    def delete_repo(self):
+        user = self._caller(required=True)
+        payload = self._json_body()
+        repo_id = f"{payload.get('organization') or user}/{payload['name']}"
+        self.hub._repo(repo_id, user, write=True)
+        with self.hub._changed:
+            del self.hub.repos[repo_id]
+        return self._send_json({})
 
     def validate_yaml(self):
         self._caller(required=False)
@@ -598,6 +630,36 @@ class _StorageHandler(_Handler):
             raise HubError(403, "Signature does not match the object")
         content = self.hub.lfs_objects[oid]
         return self._send(200, content, {"ETag": f'"{oid}"'}, "application/octet-stream")
+
+
+class SilentServer:
+    """A TCP server on 127.0.0.1 that accepts connections and never answers; `endpoint` is its URL."""
+
+    def __init__(self):
+        self._socket = socket.create_server(("127.0.0.1", 0))
+        self._socket.settimeout(0.05)
+        self._connections: list[socket.socket] = []
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self.endpoint = f"http://127.0.0.1:{self._socket.getsockname()[1]}"
+
+    def __enter__(self) -> "SilentServer":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stopped.set()
+        self._thread.join(timeout=10)
+        self._socket.close()
+        for connection in self._connections:
+            connection.close()
+
+    def _accept(self) -> None:
+        while not self._stopped.is_set():
+            try:
+                self._connections.append(self._socket.accept()[0])
+            except TimeoutError:
+                continue
 
 
 def hub_environment(endpoint: str, home, token: str | None) -> dict[str, str]:

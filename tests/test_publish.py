@@ -371,6 +371,7 @@ def test_a_forbidden_repository_is_refused(hub, checkpoint, capsys):
     ],
 )
 def test_a_failed_commit_publishes_nothing_and_a_rerun_completes_it(hub, checkpoint, capsys, failure, message):
+    HfApi(endpoint=hub.endpoint, token=TOKEN).create_repo("alice/tiny")  # kept: it existed before the command
     hub.fail("commit", **failure)
     code, out, err = run_publish(capsys, checkpoint, "alice/tiny", "--token", TOKEN, "--endpoint", hub.endpoint)
 
