@@ -237,7 +237,7 @@ class TokenPackerModel(TokenPackerPreTrainedModel):
 
     @can_return_tuple
     def get_image_features(self, pixel_values: torch.FloatTensor) -> BaseModelOutputWithPooling:
-        """(crops, 3, H, W) pixel values -> `pooler_output`: (crops, tokens per crop, text hidden) language-model inputs.
+        """(crops, 3, H, W) pixel values -> `pooler_output`: (crops, tokens per crop, text hidden), the LLM's inputs.
 
         As Llava's, the output also holds the tower's hidden states (those the projector does not read are None) and,
         as `last_hidden_state`, the deepest layer run. Llava's `pooler_output` is a list with one tensor per image;
@@ -329,10 +329,11 @@ class TokenPackerModel(TokenPackerPreTrainedModel):
             out_of_vocabulary = (input_ids < 0) | (input_ids >= vocab_size)
             if out_of_vocabulary.any():
                 bad_ids = input_ids[out_of_vocabulary]
-                worst = int(bad_ids.max()) if int(bad_ids.max()) >= vocab_size else int(bad_ids.min())
+                largest, smallest = int(bad_ids.max()), int(bad_ids.min())
+                worst = f"the largest {largest}" if largest >= vocab_size else f"the smallest {smallest}"
                 raise ValueError(
                     f"input_ids must be in [0, {vocab_size}) (the vocab size is {vocab_size}), got {bad_ids.numel()} "
-                    f"id(s) outside it, the largest out of range being {worst}"
+                    f"id(s) outside it, {worst}"
                 )
             batch_size, length = input_ids.shape
         else:
@@ -365,9 +366,9 @@ class TokenPackerModel(TokenPackerPreTrainedModel):
         **kwargs,
     ) -> TokenPackerModelOutputWithPast:
         r"""
-        Image tokens in `input_ids` need `pixel_values` while the cache is empty (a prompt). Once the prompt is cached,
-        `generate` drops `pixel_values` and feeds back the generated ids: an `<image>` id the model generated itself
-        (when it is not suppressed) is embedded as it is.
+        Image tokens in `input_ids` need `pixel_values` while the cache is empty (a prompt). Once the prompt is
+        cached, `generate` drops `pixel_values` and feeds back the generated ids: an `<image>` id the model generated
+        itself (when it is not suppressed) is embedded as it is.
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
@@ -377,8 +378,8 @@ class TokenPackerModel(TokenPackerPreTrainedModel):
             num_image_tokens = int((input_ids == self.config.image_token_id).sum())
             if num_image_tokens:
                 raise ValueError(
-                    f"input_ids hold {num_image_tokens} image tokens (id {self.config.image_token_id}) but pixel_values "
-                    "is None: pass the processor's pixel_values with them"
+                    f"input_ids hold {num_image_tokens} image tokens (id {self.config.image_token_id}) but "
+                    "pixel_values is None: pass the processor's pixel_values with them"
                 )
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
@@ -431,7 +432,7 @@ class TokenPackerForConditionalGeneration(TokenPackerPreTrainedModel, Generation
         self.lm_head = value
 
     def get_image_features(self, pixel_values: torch.FloatTensor, **kwargs) -> BaseModelOutputWithPooling:
-        """(crops, 3, H, W) pixel values -> `pooler_output`: (crops, tokens per crop, text hidden) (see the base model)."""
+        """(crops, 3, H, W) pixel values -> `pooler_output`: (crops, tokens per crop, text hidden), see the base."""
         return self.model.get_image_features(pixel_values, **kwargs)
 
     @classmethod

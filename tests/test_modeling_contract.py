@@ -37,7 +37,8 @@ def test_return_dict_false_gives_tuples_equal_to_the_outputs(built, inputs):
     input_ids, pixel_values = inputs
     with torch.no_grad():
         outputs = model(input_ids=input_ids, pixel_values=pixel_values, labels=input_ids)
-        loss, logits, *_ = as_tuple = model(input_ids=input_ids, pixel_values=pixel_values, labels=input_ids, return_dict=False)
+        as_tuple = model(input_ids=input_ids, pixel_values=pixel_values, labels=input_ids, return_dict=False)
+        loss, logits, *_ = as_tuple
         (logits_only, *_) = model(input_ids=input_ids, pixel_values=pixel_values, return_dict=False)
         base = model.model(input_ids=input_ids, pixel_values=pixel_values, return_dict=False)
     assert isinstance(as_tuple, tuple)
@@ -75,7 +76,8 @@ def test_get_image_features_returns_the_projected_crops_as_pooler_output(built, 
         last_hidden_state, pooled, hidden_states = model.get_image_features(pixel_values, return_dict=False)
     assert isinstance(default, BaseModelOutputWithPooling)
     assert default.pooler_output.shape == (2, TOKENS, 64)  # (crops, tokens per crop, text hidden)
-    torch.testing.assert_close(default.pooler_output, reference_features(model, original, pixel_values), atol=1e-5, rtol=0)
+    expected = reference_features(model, original, pixel_values)
+    torch.testing.assert_close(default.pooler_output, expected, atol=1e-5, rtol=0)
     torch.testing.assert_close(explicit.pooler_output, default.pooler_output, atol=0, rtol=0)
     torch.testing.assert_close(pooled, default.pooler_output, atol=0, rtol=0)
     assert [index for index, state in enumerate(hidden_states) if state is not None] == [2, 3, 4, 5]
@@ -103,5 +105,6 @@ def test_get_placeholder_mask_marks_the_image_tokens_and_checks_the_counts(built
     assert from_ids.shape == (2, input_ids.shape[1], 1) and from_ids.dtype == torch.bool
     assert torch.equal(from_ids[..., 0], input_ids == IMAGE_TOKEN_ID) and from_ids.sum() == 2 * TOKENS
     assert torch.equal(from_embeds, from_ids)
-    with pytest.raises(ValueError, match=f"Image features and image tokens do not match: tokens: {2 * TOKENS}, features: {TOKENS}"):
+    message = f"Image features and image tokens do not match: tokens: {2 * TOKENS}, features: {TOKENS}"
+    with pytest.raises(ValueError, match=message):
         base.get_placeholder_mask(input_ids, inputs_embeds=inputs_embeds, image_features=features[:1])

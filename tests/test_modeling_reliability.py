@@ -68,7 +68,8 @@ def test_pixel_values_of_the_wrong_shape_are_refused(model, input_ids, shape):
 
 
 def test_image_tokens_without_pixel_values_are_refused(model, input_ids):
-    with pytest.raises(ValueError, match=f"input_ids hold {TOKENS} image tokens \\(id {IMAGE_TOKEN_ID}\\) but pixel_values is None"):
+    message = f"input_ids hold {TOKENS} image tokens (id {IMAGE_TOKEN_ID}) but pixel_values is None"
+    with pytest.raises(ValueError, match=re.escape(message)):
         model(input_ids=input_ids)
     with pytest.raises(ValueError, match="pixel_values is None"):
         model.generate(input_ids=input_ids, max_new_tokens=2, do_sample=False)
@@ -104,7 +105,8 @@ def test_an_attention_mask_of_another_shape_is_refused(model, input_ids, pixel_v
     length = input_ids.shape[1]
     for mask in (torch.ones(1, length + 1), torch.ones(2, length), torch.ones(length), torch.ones(1, length, 1)):
         expected = f"attention_mask must have shape (1, {length}) (batch, past + new tokens) to match the input_ids"
-        with pytest.raises(ValueError, match=f"^{re.escape(expected)}, got {re.escape(str(tuple(mask.shape)))}$"):
+        expected += f", got {tuple(mask.shape)}"
+        with pytest.raises(ValueError, match=f"^{re.escape(expected)}$"):
             model(input_ids=input_ids, pixel_values=pixel_values, attention_mask=mask)
 
 
@@ -112,7 +114,8 @@ def test_during_decoding_the_mask_covers_the_past_and_the_new_tokens(model, inpu
     with torch.no_grad():
         cache = model(input_ids=input_ids, pixel_values=pixel_values, use_cache=True).cache
         past = input_ids.shape[1]
-        with pytest.raises(ValueError, match=rf"attention_mask must have shape \(1, 1\) or \(1, {past + 1}\) .*got \(1, 5\)"):
+        expected = rf"attention_mask must have shape \(1, 1\) or \(1, {past + 1}\) .*got \(1, 5\)"
+        with pytest.raises(ValueError, match=expected):
             model(input_ids=torch.tensor([[5]]), attention_mask=torch.ones(1, 5), cache=cache)
         model(input_ids=torch.tensor([[5]]), attention_mask=torch.ones(1, past + 1), cache=cache)
 
@@ -125,11 +128,16 @@ def test_one_dimensional_input_ids_are_refused(model):
 
 
 @pytest.mark.parametrize(
-    ("ids", "count", "worst"), [([1, 500, 130, 6], 2, 500), ([1, -1, 6], 1, -1), ([1, -3, 128, 6], 2, 128)]
+    ("ids", "count", "worst"),
+    [
+        ([1, 500, 130, 6], 2, "the largest 500"),
+        ([1, -1, 6], 1, "the smallest -1"),
+        ([1, -3, 128, 6], 2, "the largest 128"),
+    ],
 )
 def test_out_of_vocabulary_ids_name_the_worst_id_and_the_vocab_size(model, ids, count, worst):
-    message = rf"input_ids must be in \[0, 128\) \(the vocab size is 128\), got {count} id\(s\) outside it, the largest out of range being {worst}$"
-    with pytest.raises(ValueError, match=message):
+    message = f"input_ids must be in [0, 128) (the vocab size is 128), got {count} id(s) outside it, {worst}"
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
         model(input_ids=torch.tensor([ids]))
 
 
@@ -164,7 +172,9 @@ def test_inputs_embeds_give_the_input_ids_logits_on_a_left_padded_batch():
     with torch.no_grad():
         from_ids = model(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask).logits
         inputs_embeds = model.get_input_embeddings()(input_ids)
-        from_embeds = model(inputs_embeds=inputs_embeds, pixel_values=pixel_values, attention_mask=attention_mask).logits
+        from_embeds = model(
+            inputs_embeds=inputs_embeds, pixel_values=pixel_values, attention_mask=attention_mask
+        ).logits
     attended = attention_mask.bool()
     torch.testing.assert_close(from_embeds[attended], from_ids[attended], atol=1e-5, rtol=0)
 
@@ -183,7 +193,8 @@ def test_an_image_row_shared_with_the_pad_row_is_reported_with_inputs_embeds():
     with pytest.raises(ValueError, match=message):
         model(inputs_embeds=inputs_embeds, pixel_values=pixel_values, attention_mask=attention_mask)
     with torch.no_grad():  # input_ids are unambiguous
-        assert torch.isfinite(model(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask).logits).all()
+        outputs = model(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask)
+    assert torch.isfinite(outputs.logits).all()
 
 
 def tokenizer_without_image_and_pad(pieces):
@@ -199,9 +210,8 @@ def tokenizer_without_image_and_pad(pieces):
 @pytest.mark.parametrize("num_pieces", [6, 300])  # 6 rows of width 64: a singular covariance, no noise from resizing
 def test_from_vision_and_text_gives_image_and_pad_rows_of_their_own(num_pieces):
     pieces = ["<unk>", "<s>", "</s>", ","] + [f"w{index}" for index in range(num_pieces - 4)]
-    clip = CLIPModel(
-        CLIPConfig(vision_config=VISION, text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4))
-    )
+    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4)
+    clip = CLIPModel(CLIPConfig(vision_config=VISION, text_config=text))
     llm = tiny_llama(num_pieces)
     tokenizer = tokenizer_without_image_and_pad(pieces)
     model = TokenPackerForConditionalGeneration.from_vision_and_text(clip, llm, tokenizer=tokenizer, scale_factor=3)
