@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.flex_attention import BlockMask
 from transformers import (
     AutoConfig,
     AutoModel,
@@ -21,9 +22,10 @@ from transformers import (
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache
-from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling, CausalLMOutputWithPast
 from transformers.modeling_utils import slice_logits_to_keep
 from transformers.utils.deprecation import deprecate_kwarg
+from transformers.utils.generic import can_return_tuple
 
 from ..configuration.configuration_tokenpacker import RemoteCodeMixin, TokenPackerConfig
 
@@ -233,8 +235,15 @@ class TokenPackerModel(TokenPackerPreTrainedModel):
     def set_input_embeddings(self, value: nn.Module):
         self.language_model.set_input_embeddings(value)
 
-    def get_image_features(self, pixel_values: torch.FloatTensor) -> torch.FloatTensor:
-        """(crops, 3, H, W) pixel values -> (crops, tokens per crop, text hidden) language-model inputs."""
+    @can_return_tuple
+    def get_image_features(self, pixel_values: torch.FloatTensor) -> BaseModelOutputWithPooling:
+        """(crops, 3, H, W) pixel values -> `pooler_output`: (crops, tokens per crop, text hidden), the LLM's inputs.
+
+        As Llava's, the output also holds the tower's hidden states (those the projector does not read are None) and,
+        as `last_hidden_state`, the deepest layer run. Llava's `pooler_output` is a list with one tensor per image;
+        here every crop packs into the same number of tokens, so the list is stacked: one row per crop.
+        """
+        self._check_pixel_values(pixel_values)
         query_layer, levels = self.config.feature_layer_indices
         pixel_values = pixel_values.to(self.vision_tower.dtype)
         # Only the hidden states the projector reads are kept (the others come back as None).
@@ -242,17 +251,108 @@ class TokenPackerModel(TokenPackerPreTrainedModel):
         hidden_states = self.vision_tower(pixel_values, output_hidden_states=kept, return_dict=True).hidden_states
         patch_features = hidden_states[query_layer][:, 1:]  # CLS dropped
         multi_level_features = torch.cat([hidden_states[layer][:, 1:] for layer in levels], dim=-1)
-        return self.multi_modal_projector(patch_features, multi_level_features)
-
-    def image_token_mask(self, input_ids: torch.LongTensor | None, inputs_embeds: torch.Tensor) -> torch.BoolTensor:
-        """Where the image features go: `<image>` ids, or embeddings equal to the `<image>` embedding."""
-        if input_ids is not None:
-            return input_ids == self.config.image_token_id
-        image_embedding = self.get_input_embeddings()(
-            torch.tensor(self.config.image_token_id, dtype=torch.long, device=inputs_embeds.device)
+        return BaseModelOutputWithPooling(
+            last_hidden_state=hidden_states[-1],
+            pooler_output=self.multi_modal_projector(patch_features, multi_level_features),
+            hidden_states=hidden_states,
         )
-        return (inputs_embeds == image_embedding).all(-1)
 
+    def get_placeholder_mask(
+        self, input_ids: torch.LongTensor | None, inputs_embeds: torch.Tensor, image_features: torch.Tensor
+    ) -> torch.BoolTensor:
+        """(batch, seq, 1) mask of where the image features go: the `<image>` ids, or without `input_ids` the
+        embeddings equal to the `<image>` embedding row. Raises when their count differs from the features'."""
+        if input_ids is not None:
+            image_mask = input_ids == self.config.image_token_id
+        else:
+            image_mask = (inputs_embeds == self._image_token_embedding(inputs_embeds.device)).all(-1)
+        num_tokens, num_features = int(image_mask.sum()), image_features.shape[:-1].numel()
+        if num_tokens != num_features:
+            message = f"Image features and image tokens do not match: tokens: {num_tokens}, features: {num_features}"
+            if image_features.ndim == 3:
+                message += f" ({image_features.shape[0]} crops x {image_features.shape[1]} tokens per crop)"
+            if input_ids is None:
+                message += self._shared_image_row_hint()
+            raise ValueError(message)
+        return image_mask.unsqueeze(-1).to(inputs_embeds.device)
+
+    def _image_token_embedding(self, device: torch.device) -> torch.Tensor:
+        return self.get_input_embeddings()(torch.tensor(self.config.image_token_id, dtype=torch.long, device=device))
+
+    def _shared_image_row_hint(self) -> str:
+        """Which other tokens share the `<image>` embedding row (their positions in inputs_embeds look like images)."""
+        weight = self.get_input_embeddings().weight
+        twins = (weight == self._image_token_embedding(weight.device)).all(-1).nonzero().flatten().tolist()
+        twins.remove(self.config.image_token_id)
+        if not twins:
+            return ""
+        return (
+            f"; the `<image>` embedding row ({self.config.image_token_id}) also equals the row of token id(s) {twins}, "
+            "so their positions in inputs_embeds count as image tokens: pass input_ids instead of inputs_embeds, or "
+            "give `<image>` an embedding row of its own"
+        )
+
+    def _check_pixel_values(self, pixel_values: torch.Tensor):
+        _check_is_tensor("pixel_values", pixel_values)
+        vision = self.config.vision_config
+        expected = (vision.num_channels, vision.image_size, vision.image_size)
+        if not pixel_values.is_floating_point():
+            raise ValueError(
+                f"pixel_values must be floating point (normalized crops from the processor), got {pixel_values.dtype}"
+            )
+        if pixel_values.ndim != 4 or pixel_values.shape[0] == 0 or tuple(pixel_values.shape[1:]) != expected:
+            raise ValueError(
+                f"pixel_values must have shape (crops, {', '.join(map(str, expected))}) with at least one crop, "
+                f"got {tuple(pixel_values.shape)}"
+            )
+        if not torch.isfinite(pixel_values).all():
+            raise ValueError("pixel_values must be finite, got NaN or infinite values")
+
+    def _check_text_inputs(
+        self,
+        input_ids: torch.Tensor | None,
+        inputs_embeds: torch.Tensor | None,
+        attention_mask: torch.Tensor | dict | BlockMask | None,
+        past_length: int,
+    ):
+        """Shapes, dtypes and id range of the text inputs. A prepared mask (4-D, a dict, a BlockMask) is trusted."""
+        _check_is_tensor("input_ids", input_ids)
+        _check_is_tensor("inputs_embeds", inputs_embeds)
+        if not isinstance(attention_mask, (dict, BlockMask)):
+            _check_is_tensor("attention_mask", attention_mask)
+        if input_ids is not None:
+            if input_ids.ndim != 2:
+                raise ValueError(f"input_ids must have shape (batch, sequence), got {tuple(input_ids.shape)}")
+            if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
+                raise ValueError(f"input_ids must hold integer token ids, got {input_ids.dtype}")
+            vocab_size = self.get_input_embeddings().num_embeddings
+            out_of_vocabulary = (input_ids < 0) | (input_ids >= vocab_size)
+            if out_of_vocabulary.any():
+                bad_ids = input_ids[out_of_vocabulary]
+                largest, smallest = int(bad_ids.max()), int(bad_ids.min())
+                worst = f"the largest {largest}" if largest >= vocab_size else f"the smallest {smallest}"
+                raise ValueError(
+                    f"input_ids must be in [0, {vocab_size}) (the vocab size is {vocab_size}), got {bad_ids.numel()} "
+                    f"id(s) outside it, {worst}"
+                )
+            batch_size, length = input_ids.shape
+        else:
+            hidden_size = self.config.text_config.hidden_size
+            if inputs_embeds.ndim != 3 or inputs_embeds.shape[-1] != hidden_size:
+                raise ValueError(
+                    f"inputs_embeds must have shape (batch, sequence, {hidden_size}), got {tuple(inputs_embeds.shape)}"
+                )
+            batch_size, length = inputs_embeds.shape[:2]
+        if isinstance(attention_mask, torch.Tensor) and attention_mask.ndim != 4:
+            allowed = [(batch_size, length)] + ([(batch_size, past_length + length)] if past_length else [])
+            if tuple(attention_mask.shape) not in allowed:
+                expected = " or ".join(f"({batch}, {size})" for batch, size in allowed)
+                raise ValueError(
+                    f"attention_mask must have shape {expected} (batch, past + new tokens) to match the "
+                    f"{'input_ids' if input_ids is not None else 'inputs_embeds'}, got {tuple(attention_mask.shape)}"
+                )
+
+    @can_return_tuple
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
@@ -265,24 +365,31 @@ class TokenPackerModel(TokenPackerPreTrainedModel):
         use_cache: bool | None = None,
         **kwargs,
     ) -> TokenPackerModelOutputWithPast:
+        r"""
+        Image tokens in `input_ids` need `pixel_values` while the cache is empty (a prompt). Once the prompt is
+        cached, `generate` drops `pixel_values` and feeds back the generated ids: an `<image>` id the model generated
+        itself (when it is not suppressed) is embedded as it is.
+        """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        past_length = cache.get_seq_length() if cache is not None else 0
+        self._check_text_inputs(input_ids, inputs_embeds, attention_mask, past_length)
+        if pixel_values is None and input_ids is not None and past_length == 0:
+            num_image_tokens = int((input_ids == self.config.image_token_id).sum())
+            if num_image_tokens:
+                raise ValueError(
+                    f"input_ids hold {num_image_tokens} image tokens (id {self.config.image_token_id}) but "
+                    "pixel_values is None: pass the processor's pixel_values with them"
+                )
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
 
         image_features = None
         if pixel_values is not None:
-            image_features = self.get_image_features(pixel_values)
-            image_mask = self.image_token_mask(input_ids, inputs_embeds)
-            num_tokens, num_features = int(image_mask.sum()), image_features.shape[0] * image_features.shape[1]
-            if num_tokens != num_features:
-                raise ValueError(
-                    "Image features and image tokens do not match: "
-                    f"tokens: {num_tokens}, features: {num_features} "
-                    f"({image_features.shape[0]} crops x {image_features.shape[1]} tokens per crop)"
-                )
+            image_features = self.get_image_features(pixel_values, return_dict=True).pooler_output
+            image_mask = self.get_placeholder_mask(input_ids, inputs_embeds, image_features)
             features = image_features.reshape(-1, image_features.shape[-1]).to(inputs_embeds.device, inputs_embeds.dtype)
-            inputs_embeds = inputs_embeds.masked_scatter(image_mask.unsqueeze(-1).to(inputs_embeds.device), features)
+            inputs_embeds = inputs_embeds.masked_scatter(image_mask, features)
 
         outputs = self.language_model(
             attention_mask=attention_mask,
@@ -324,9 +431,9 @@ class TokenPackerForConditionalGeneration(TokenPackerPreTrainedModel, Generation
     def set_output_embeddings(self, value: nn.Module):
         self.lm_head = value
 
-    def get_image_features(self, pixel_values: torch.FloatTensor) -> torch.FloatTensor:
-        """(crops, 3, H, W) pixel values -> (crops, tokens per crop, text hidden) language-model inputs."""
-        return self.model.get_image_features(pixel_values)
+    def get_image_features(self, pixel_values: torch.FloatTensor, **kwargs) -> BaseModelOutputWithPooling:
+        """(crops, 3, H, W) pixel values -> `pooler_output`: (crops, tokens per crop, text hidden), see the base."""
+        return self.model.get_image_features(pixel_values, **kwargs)
 
     @classmethod
     def from_vision_and_text(
@@ -382,13 +489,16 @@ class TokenPackerForConditionalGeneration(TokenPackerPreTrainedModel, Generation
             )
         model.model.language_model.load_state_dict(text_model.get_decoder().state_dict())
         model.lm_head.load_state_dict(text_model.get_output_embeddings().state_dict())
+        num_text_tokens = model.get_input_embeddings().num_embeddings
         model.resize_token_embeddings(len(tokenizer))
+        _spread_added_rows(model.get_input_embeddings().weight, num_text_tokens)
         model.config.text_config.pad_token_id = tokenizer.pad_token_id
         if text_model.generation_config is not None:
             model.generation_config = GenerationConfig.from_dict(text_model.generation_config.to_dict())
         model.generation_config.pad_token_id = tokenizer.pad_token_id
         return model
 
+    @can_return_tuple
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
@@ -415,6 +525,7 @@ class TokenPackerForConditionalGeneration(TokenPackerPreTrainedModel, Generation
             cache=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
+            return_dict=True,
             **kwargs,
         )
         logits = self.lm_head(slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep))
@@ -468,6 +579,26 @@ def language_model_tokenizer(
     if not isinstance(tokenizer, PreTrainedTokenizerBase):
         raise TypeError(f"tokenizer must be a transformers tokenizer, got {type(tokenizer).__name__}")
     return tokenizer
+
+
+def _check_is_tensor(name: str, value):
+    if value is not None and not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+
+
+@torch.no_grad()
+def _spread_added_rows(embedding_weight: torch.Tensor, num_old_rows: int):
+    """Moves the rows added past `num_old_rows` a tenth of the old rows' spread apart (normal noise per dimension).
+
+    transformers' mean resizing puts new rows at the old rows' mean, with a noise of 3e-5 of their spread that rounding
+    to half precision mostly erases, or none at all when the old rows' covariance is singular: `<image>` and `<pad>`
+    would share one row, and `inputs_embeds` could not tell image positions from padding.
+    """
+    num_added = embedding_weight.shape[0] - num_old_rows
+    if num_added > 0:
+        spread = embedding_weight[:num_old_rows].float().std(dim=0)
+        noise = torch.randn(num_added, embedding_weight.shape[1], device=embedding_weight.device) * spread / 10
+        embedding_weight[num_old_rows:] += noise.to(embedding_weight.dtype)
 
 
 def _load_pretrained(model_or_path, name: str, load):

@@ -105,9 +105,9 @@ def test_the_images_are_encoded_once_per_answer(answerer, monkeypatch):
     encoded = []
     original = model.get_image_features
 
-    def counting(pixel_values):
+    def counting(pixel_values, **kwargs):
         encoded.append(pixel_values.shape[0])
-        return original(pixel_values)
+        return original(pixel_values, **kwargs)
 
     monkeypatch.setattr(model, "get_image_features", counting)
     answerer(text=chat(picture(300, 200, (200, 40, 40)), "What colour?"), max_new_tokens=NEW_TOKENS)
