@@ -343,6 +343,12 @@ class TokenPackerProcessor(RemoteCodeMixin, ProcessorMixin):
                 raise ValueError(f"Conversation {conversation_index} of the batch has no messages")
             for message_index, message in enumerate(messages):
                 where = f"message {message_index}{batch_place}"
+                role = message.get("role")
+                if role not in ("user", "assistant") and (role != "system" or message_index > 0):
+                    raise ValueError(
+                        "TokenPacker chats take user and assistant messages after an optional first system message, "
+                        f"got role {role} for {where}"
+                    )
                 content = message.get("content")
                 if isinstance(content, str):
                     continue

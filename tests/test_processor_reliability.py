@@ -186,7 +186,8 @@ def test_a_template_that_rewrites_message_texts_is_refused(processor):
         ([[user("hi")], []], r"^Conversation 1 of the batch has no messages$"),
         (
             [{"role": "user", "content": [{"text": "hi"}]}],
-            r"^item 0 of message 0 must be a dict with a 'type' \('text' or 'image'\), got a dict with keys \['text'\]$",
+            r"^item 0 of message 0 must be a dict with a 'type' \('text' or 'image'\), "
+            r"got a dict with keys \['text'\]$",
         ),
         (
             [{"role": "user", "content": ["hi"]}],
@@ -200,6 +201,13 @@ def test_a_template_that_rewrites_message_texts_is_refused(processor):
             [{"role": "user", "content": [{"type": "text", "text": 3}]}],
             r"^item 0 of message 0 is a text item whose 'text' must be a string, got int$",
         ),
+        (
+            [user("hi"), {"role": "tool", "content": "x"}],
+            r"^TokenPacker chats take user and assistant messages after an optional first system message, "
+            r"got role tool for message 1$",
+        ),
+        ([user("hi"), {"role": "system", "content": "x"}], r"got role system for message 1$"),
+        ([[user("hi")], [{"content": "x"}]], r"got role None for message 0 of conversation 1$"),
         (
             [{"role": "user", "content": 3}],
             r"^The content of message 0 must be a string or a list of items, got int$",
