@@ -7,7 +7,6 @@ Bounded: a fixed seed and a time budget per test. Left out of the generators: UR
 """
 
 import io
-import os
 import random
 import signal
 import time
