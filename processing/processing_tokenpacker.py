@@ -1,6 +1,8 @@
 """TokenPacker processor: images and prompts -> the input ids and crops of the original LLaVA-1.5 / TokenPacker-HD."""
 
 import os
+import re
+from contextvars import ContextVar
 
 from transformers import BatchFeature, ProcessorMixin
 from transformers.image_utils import is_valid_image
@@ -43,6 +45,12 @@ VICUNA_V1_CHAT_TEMPLATE = (
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{- '" + ANSWER_PREFIX + "' -}}{%- endif -%}"
 )
+CONTENT_TYPES = ("text", "image")
+IMAGE_SOURCES = ("image", "url", "path", "base64")  # the keys `ProcessorMixin.apply_chat_template` loads images from
+# While `apply_chat_template` tokenizes, the prompt it renders holds a sentinel in place of each message text, and
+# this holds the texts: they are tokenized as text, never as special tokens or image markers.
+_MESSAGE_TEXTS: ContextVar[list[str] | None] = ContextVar("message_texts", default=None)
+_SENTINEL = re.compile("\ue000(\\d+)\ue001")
 
 
 class TokenPackerProcessor(RemoteCodeMixin, ProcessorMixin):
@@ -146,8 +154,14 @@ class TokenPackerProcessor(RemoteCodeMixin, ProcessorMixin):
     def __call__(self, images=None, text=None, **kwargs) -> BatchFeature:
         """Prompt(s) with one `<image>` per image -> `input_ids`, `attention_mask` and (with images) `pixel_values`.
 
-        `images` is an image, a list of images (taken in the order of the markers across the batch), or one list of
-        images per prompt. A batch is padded on the left unless `padding_side="right"` is given.
+        `images` is an image, a 4-D batch array or tensor, a list of images (taken in the order of the markers across
+        the batch), or one list of images per prompt. A batch is padded on the left unless `padding_side="right"` is
+        given.
+
+        Prompts are trusted, template-level text: every `<image>` in them is an image slot and the tokenizer's special
+        tokens in them (`</s>`, `<s>`...) get their special ids, as the original's slow tokenizer parsed them. Text
+        typed by users belongs in a conversation given to `apply_chat_template(..., tokenize=True)`, which tokenizes
+        message texts as plain text.
         """
         if text is None:
             raise ValueError(f"TokenPackerProcessor needs text: a prompt with one {self.image_token!r} per image")
@@ -204,16 +218,25 @@ class TokenPackerProcessor(RemoteCodeMixin, ProcessorMixin):
         return ids
 
     def _flat_images(self, images, image_counts: list[int]) -> list:
-        """Checks the images against the `<image>` markers and returns them flat, in marker order."""
+        """Checks the images against the `<image>` markers and returns them flat, in marker order.
+
+        `images` is None, one image, a 4-D batch array or tensor, a flat list of images or one list of images per
+        prompt; a listed image is a single image, never a list or a 4-D batch (which would count as several images).
+        """
         if images is None:
             images = []
-        elif getattr(images, "ndim", None) == 4:  # a batch of images in one array or tensor
+        elif is_valid_image(images) and getattr(images, "ndim", None) == 4:  # a batch of images in one array or tensor
             images = list(images)
-        elif is_valid_image(images) or isinstance(images, (str, os.PathLike)):
-            images = [images]
-        images = list(images)
-        nested = bool(images) and all(isinstance(item, (list, tuple)) for item in images)
-        if nested:
+        elif not isinstance(images, (list, tuple)):
+            images = [_single_image(images, "images")]
+        nested = [isinstance(item, (list, tuple)) for item in images]
+        if any(nested) and not all(nested):
+            given = ", ".join(type(item).__name__ for item in images[:10]) + (", ..." if len(images) > 10 else "")
+            raise ValueError(
+                "images must be a flat list of images or one list of images per prompt, got a list mixing lists and "
+                f"single images: [{given}]"
+            )
+        if any(nested):
             if len(images) != len(image_counts):
                 raise ValueError(
                     f"Got {len(images)} lists of images (one per prompt) but {len(image_counts)} prompt(s)"
@@ -224,7 +247,13 @@ class TokenPackerProcessor(RemoteCodeMixin, ProcessorMixin):
                         f"Prompt {index} holds {count} {self.image_token} marker(s) but {len(sample_images)} image(s) "
                         "were given for it"
                     )
-            images = [image for sample_images in images for image in sample_images]
+            images = [
+                _single_image(image, f"images[{index}][{position}]")
+                for index, sample_images in enumerate(images)
+                for position, image in enumerate(sample_images)
+            ]
+        else:
+            images = [_single_image(image, f"images[{index}]") for index, image in enumerate(images)]
         if len(images) != sum(image_counts):
             raise ValueError(
                 f"The prompts hold {sum(image_counts)} {self.image_token} marker(s) in total "
@@ -236,7 +265,11 @@ class TokenPackerProcessor(RemoteCodeMixin, ProcessorMixin):
         """Like the original's `tokenizer_image_token`: chunks tokenized on their own, image ids between them."""
         chunks_per_prompt = [prompt.split(self.image_token) for prompt in prompts]
         flat_chunks = [chunk for chunks in chunks_per_prompt for chunk in chunks]
-        chunk_ids = iter(self.tokenizer(flat_chunks, add_special_tokens=False)["input_ids"])
+        message_texts = _MESSAGE_TEXTS.get()
+        if message_texts is None:
+            chunk_ids = iter(self.tokenizer(flat_chunks, add_special_tokens=False)["input_ids"])
+        else:
+            chunk_ids = iter(self._encode_rendered_chunks(flat_chunks, message_texts))
         images = iter(image_ids)
         input_ids = []
         for chunks in chunks_per_prompt:
@@ -247,6 +280,85 @@ class TokenPackerProcessor(RemoteCodeMixin, ProcessorMixin):
                 ids += next(chunk_ids)
             input_ids.append(ids)
         return input_ids
+
+    def _encode_rendered_chunks(self, chunks: list[str], message_texts: list[str]) -> list[list[int]]:
+        """Ids of chunks of a rendered chat whose message texts are sentinels.
+
+        The template's own added tokens (`</s>`, BOS) keep their ids. The text between two of them, the message texts
+        put back in place of their sentinels, is tokenized as one string with no added token parsed in it: the ids of
+        a benign chat are those of its rendered prompt, and typed special tokens stay text.
+        """
+        added_tokens = sorted(self.tokenizer.added_tokens_encoder, key=len, reverse=True)
+        splitter = re.compile("(" + "|".join(map(re.escape, added_tokens)) + ")")
+        pieces_per_chunk = [splitter.split(chunk) for chunk in chunks]  # [text, token, text, ..., token, text]
+        texts = [_put_back(piece, message_texts) for pieces in pieces_per_chunk for piece in pieces[::2]]
+        text_ids = iter(self.tokenizer(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"])
+        ids_per_chunk = []
+        for pieces in pieces_per_chunk:
+            ids = []
+            for index, piece in enumerate(pieces):
+                ids += next(text_ids) if index % 2 == 0 else [self.tokenizer.added_tokens_encoder[piece]]
+            ids_per_chunk.append(ids)
+        return ids_per_chunk
+
+    def apply_chat_template(self, conversation, chat_template: str | None = None, **kwargs):
+        """`ProcessorMixin.apply_chat_template` for TokenPacker's chats, with message texts kept as text.
+
+        With `tokenize=True` (what the `image-text-to-text` pipeline uses) the texts of the messages, system message
+        included, are tokenized as plain text: `</s>` or `<image>` typed in them give no special id and no image slot.
+        Only the template writes special ids (`</s>` after assistant turns, BOS) and image slots (one per
+        `{"type": "image"}` item, which needs one of the keys image, url, path or base64). With `tokenize=False`
+        (the default) the rendered prompt string is returned, as transformers does; passing that string to the
+        processor treats it as trusted text, in which typed `</s>` and `<image>` are parsed.
+        """
+        conversations, is_batched = self._checked_conversations(conversation, kwargs.get("tokenize", False))
+        if not kwargs.get("tokenize", False):
+            return super().apply_chat_template(conversation, chat_template, **kwargs)
+        kwargs.pop("sanitize_control_tokens", None)  # message texts are always tokenized as text here
+        message_texts = []
+        marked = [_with_sentinels(messages, message_texts) for messages in conversations]
+        rendering = {**kwargs, "tokenize": False}
+        prompts = super().apply_chat_template(conversations, chat_template, **rendering)
+        marked_prompts = super().apply_chat_template(marked, chat_template, **rendering)
+        for index, (prompt, marked_prompt) in enumerate(zip(prompts, marked_prompts, strict=True)):
+            if _put_back(marked_prompt, message_texts) != prompt:
+                raise ValueError(
+                    f"The chat template changes the message texts of conversation {index} (or writes other message "
+                    "fields), so its own text and the messages' cannot be told apart for tokenizing"
+                )
+        token = _MESSAGE_TEXTS.set(message_texts)
+        try:
+            return super().apply_chat_template(marked if is_batched else marked[0], chat_template, **kwargs)
+        finally:
+            _MESSAGE_TEXTS.reset(token)
+
+    def _checked_conversations(self, conversation, needs_image_sources: bool) -> tuple[list[list[dict]], bool]:
+        """The conversation(s) as lists of message dicts, and whether a batch was given; refuses malformed ones."""
+        if isinstance(conversation, (list, tuple)) and not conversation:
+            raise ValueError("apply_chat_template needs a conversation with at least one message, got an empty list")
+        conversations, is_batched = self._normalize_conversations(conversation)
+        for conversation_index, messages in enumerate(conversations):
+            batch_place = f" of conversation {conversation_index}" if is_batched else ""
+            if not messages:
+                raise ValueError(f"Conversation {conversation_index} of the batch has no messages")
+            for message_index, message in enumerate(messages):
+                where = f"message {message_index}{batch_place}"
+                role = message.get("role")
+                if role not in ("user", "assistant") and (role != "system" or message_index > 0):
+                    raise ValueError(
+                        "TokenPacker chats take user and assistant messages after an optional first system message, "
+                        f"got role {role} for {where}"
+                    )
+                content = message.get("content")
+                if isinstance(content, str):
+                    continue
+                if not isinstance(content, (list, tuple)):
+                    raise ValueError(
+                        f"The content of {where} must be a string or a list of items, got {type(content).__name__}"
+                    )
+                for item_index, item in enumerate(content):
+                    _check_content_item(item, f"item {item_index} of {where}", needs_image_sources)
+        return conversations, is_batched
 
     def batch_decode(self, sequences, skip_special_tokens: bool = True, **kwargs) -> list[str]:
         """Decodes generated sequences to the answers: the text after the prompt's last "ASSISTANT:"."""
@@ -275,6 +387,66 @@ class TokenPackerProcessor(RemoteCodeMixin, ProcessorMixin):
     @property
     def model_input_names(self) -> list[str]:
         return ["input_ids", "attention_mask", "pixel_values"]
+
+
+def _single_image(image, where: str):
+    """`image` if it is one image: a PIL image, a 2-D or 3-D array or tensor, a path or a URL."""
+    if is_valid_image(image) and getattr(image, "ndim", None) == 4:
+        raise ValueError(
+            f"{where} is a 4-D batch of shape {tuple(image.shape)} inside a list; give a 4-D batch on its own as "
+            "images, or one image per list entry"
+        )
+    if not (is_valid_image(image) or isinstance(image, (str, os.PathLike))):
+        raise TypeError(
+            f"{where} must be an image (a PIL image, a 2-D or 3-D array or tensor, a path or a URL), "
+            f"got {type(image).__name__}"
+        )
+    return image
+
+
+def _check_content_item(item, where: str, needs_image_source: bool):
+    """Refuses a message content item that is not `{"type": "text", "text": str}` or an image item."""
+    if not isinstance(item, dict) or "type" not in item:
+        given = f"a dict with keys {sorted(item)}" if isinstance(item, dict) else type(item).__name__
+        raise ValueError(f"{where} must be a dict with a 'type' ('text' or 'image'), got {given}")
+    if item["type"] not in CONTENT_TYPES:
+        raise ValueError(f"{where} has type {item['type']!r}; TokenPacker chats take 'text' and 'image' items")
+    if item["type"] == "text" and not isinstance(item.get("text"), str):
+        raise ValueError(f"{where} is a text item whose 'text' must be a string, got {type(item.get('text')).__name__}")
+    sources = [key for key in IMAGE_SOURCES if key in item]
+    if item["type"] == "image" and needs_image_source and len(sources) != 1:
+        raise ValueError(
+            f"{where} is an image item, which needs exactly one of the keys {', '.join(IMAGE_SOURCES)} to be "
+            f"tokenized, got {sources or 'none'}"
+        )
+
+
+def _with_sentinels(messages: list[dict], message_texts: list[str]) -> list[dict]:
+    """Copies of `messages` with each text replaced by a sentinel; the texts are appended to `message_texts`."""
+
+    def sentinel(text: str) -> str:
+        message_texts.append(text)
+        return f"\ue000{len(message_texts) - 1}\ue001"
+
+    marked = []
+    for message in messages:
+        content = message["content"]
+        if isinstance(content, str):
+            content = sentinel(content)
+        else:
+            content = [{**item, "text": sentinel(item["text"])} if item["type"] == "text" else item for item in content]
+        marked.append({**message, "content": content})
+    return marked
+
+
+def _put_back(text: str, message_texts: list[str]) -> str:
+    """`text` with the message texts in place of their sentinels (text that only looks like one is left as it is)."""
+
+    def message_text(found: re.Match) -> str:
+        index = int(found.group(1))
+        return message_texts[index] if index < len(message_texts) else found.group(0)
+
+    return _SENTINEL.sub(message_text, text)
 
 
 __all__ = ["TokenPackerProcessor"]
