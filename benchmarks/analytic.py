@@ -12,10 +12,11 @@ tokens in bfloat16. Rows:
   the thumbnail packed, plus the ',' and row-end ids of the HD layout.
 - LLaVA-NeXT style: five 336-pixel crops (a 2 x 2 grid and the overview) through LLaVA's tower and MLP, 2880 tokens.
 
-    .venv/bin/python benchmarks/analytic.py [--plot benchmarks/analytic.png]
+    .venv/bin/python benchmarks/analytic.py [--llm 7B] [--plot benchmarks/analytic.png]
 """
 
 import argparse
+import importlib.util
 import os
 import sys
 from dataclasses import dataclass
@@ -177,6 +178,8 @@ def print_tables(results: dict[str, tuple[list[Row], dict]]):
                 f"{row.kv_cache_bytes / baseline.kv_cache_bytes:.2f} |"
             )
 
+    if "7B" not in results:  # the paper measured throughput at 7B only
+        return
     rows = {row.name: row for row in results["7B"][0]}
     baseline = rows["LLaVA-1.5"]
     print("\nNext to the paper's throughput (7B, tokens/s on one A100)\n")
@@ -229,15 +232,25 @@ def plot(results: dict[str, tuple[list[Row], dict]], path: Path):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--plot", type=Path, default=Path(__file__).with_name("analytic.png"),
-                        help="where to write the plot (needs matplotlib: pip install 'tokenpacker[bench]')")
+    parser.add_argument("--plot", type=Path, help="where to write the plot (default: benchmarks/analytic.png when "
+                        "matplotlib is installed: pip install -e '.[bench]')")
     parser.add_argument("--no-plot", action="store_true", help="print the tables only")
+    parser.add_argument("--llm", nargs="+", choices=sorted(LANGUAGE_MODELS), default=sorted(LANGUAGE_MODELS),
+                        help="the language model sizes to count (default: all)")
     args = parser.parse_args()
-    results = {size: rows_for(text) for size, text in LANGUAGE_MODELS.items()}
+    matplotlib_missing = importlib.util.find_spec("matplotlib") is None
+    if args.plot is not None and matplotlib_missing:
+        parser.error("--plot needs matplotlib: pip install -e '.[bench]'")
+    results = {size: rows_for(text) for size, text in LANGUAGE_MODELS.items() if size in args.llm}
     print_tables(results)
-    if not args.no_plot:
-        plot(results, args.plot)
-        print(f"\nplot: {os.path.relpath(args.plot)}")
+    if args.no_plot:
+        return
+    if matplotlib_missing:
+        print("\nno plot: matplotlib is not installed (pip install -e '.[bench]' to draw benchmarks/analytic.png)")
+        return
+    path = args.plot or Path(__file__).with_name("analytic.png")
+    plot(results, path)
+    print(f"\nplot: {os.path.relpath(path)}")
 
 
 if __name__ == "__main__":

@@ -59,7 +59,8 @@ def test_the_default_demo_answers_a_held_out_scene_with_the_trained_model(capsys
     assert main(["--scene", "5", "--max-new-tokens", "4"]) == 0
     out = capsys.readouterr().out
     scene = render_scene("test", 5)
-    assert f"held-out tiny-shapes scene 5: a {scene.colour} {scene.kind}, {scene.position}" in out
+    assert scene.colour == "orange"
+    assert f"held-out tiny-shapes scene 5: an orange {scene.kind}, {scene.position}" in out
     for attribute, question in QUESTIONS.items():
         truth = getattr(scene, attribute)
         assert f"Question: {question}\nAnswer: {truth} (true answer: {truth})" in out

@@ -134,6 +134,7 @@ def test_ship_refuses_to_replace_a_folder_unless_forced(trained_folder, tmp_path
     assert [path.name for path in output.iterdir()] == ["notes.txt"]
 
     main(["ship", "--model", str(trained_folder), "--output_dir", str(output), "--force"])
+    assert f"Copied 7 files of {trained_folder} to {output}: config.json, " in capsys.readouterr().out
     assert sorted(path.name for path in output.iterdir()) == sorted(SHIPPED_FILES)
     assert sorted(path.name for path in tmp_path.iterdir()) == ["shipped", "trained"]  # no staging folder left
 
@@ -144,3 +145,14 @@ def test_ship_names_the_files_a_folder_lacks(trained_folder, tmp_path):
     with pytest.raises(FileNotFoundError, match="is not a trained TokenPacker folder: it lacks model.safetensors, tokenizer.json"):
         ship(trained_folder, tmp_path / "shipped")
     assert not (tmp_path / "shipped").exists()
+
+
+def test_data_writes_both_splits_and_says_what_it_wrote(tmp_path, capsys):
+    main(["data", "--output_dir", str(tmp_path), "--num_train", "3", "--num_test", "2"])
+    out = capsys.readouterr().out
+    assert f"Wrote 3 training and 2 test scenes to {tmp_path}: 5 images in {tmp_path / 'images'}" in out
+    assert f"{tmp_path / 'train.json'} (3 conversations), {tmp_path / 'test.json'} (2 questions)" in out
+    assert len(list((tmp_path / "images").glob("*.png"))) == 5
+    records = {split: json.loads((tmp_path / f"{split}.json").read_text()) for split in ("train", "test")}
+    assert [len(records["train"]), len(records["test"])] == [3, 2]
+    assert [len(record["conversations"]) for record in records["test"]] == [2, 2]  # one question per held-out scene

@@ -367,3 +367,28 @@ def test_lora_trains_adapters_and_saves_a_merged_model(workspace):
     assert not torch.equal(merged.model.language_model.layers[0].self_attn.q_proj.weight, initial.model.language_model.layers[0].self_attn.q_proj.weight)
     assert not torch.equal(merged.model.multi_modal_projector.query_proj.weight, initial.model.multi_modal_projector.query_proj.weight)
 
+
+
+def test_bf16_without_a_bfloat16_device_is_one_clear_error(workspace, monkeypatch):
+    """The Trainer's rule: bfloat16 needs a GPU (or XLA device) that supports it, unless --use_cpu."""
+    import tokenpacker.training as training
+
+    monkeypatch.setattr(training, "is_torch_bf16_gpu_available", lambda: False)
+    monkeypatch.setattr(training, "is_torch_xla_available", lambda: False)
+    arguments = [argument for argument in command_arguments(workspace, workspace / "bf16") if argument != "--use_cpu"]
+    with pytest.raises(SystemExit) as exit_info:
+        main([*arguments, "--bf16"])
+    assert exit_info.value.code == (
+        "tokenpacker-train: error: --bf16 needs a GPU with bfloat16 support and this machine has none: "
+        "leave out --bf16, or add --use_cpu to train on the CPU"
+    )
+    assert not (workspace / "bf16").exists()
+
+
+def test_unknown_options_are_one_error_line(workspace):
+    with pytest.raises(SystemExit) as exit_info:
+        main([*command_arguments(workspace, workspace / "unknown"), "--no_such_option", "1"])
+    assert exit_info.value.code == (
+        "tokenpacker-train: error: Some specified arguments are not used by the HfArgumentParser: "
+        "['--no_such_option', '1']"
+    )

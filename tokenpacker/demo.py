@@ -154,7 +154,8 @@ def trained_model_demo(scene_index: int, question: str | None, max_new_tokens: i
     truths = {text: getattr(scene, attribute) for attribute, text in QUESTIONS.items()}
     questions = [question] if question is not None else list(truths)
     print(f"Model: {PRETRAINED} (trained on tiny shapes; `--random` for the random-weight model)")
-    print(f"Image: held-out tiny-shapes scene {scene_index}: a {scene.colour} {scene.kind}, {scene.position}")
+    article = "an" if scene.colour[0] in "aeiou" else "a"
+    print(f"Image: held-out tiny-shapes scene {scene_index}: {article} {scene.colour} {scene.kind}, {scene.position}")
     answer_start = time.perf_counter()
     for text in questions:
         messages = [{"role": "user", "content": [{"type": "image", "image": scene.image}, {"type": "text", "text": text}]}]

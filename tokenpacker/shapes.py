@@ -258,12 +258,17 @@ def main(argv: list[str] | None = None):
             folder = ship(args.model, args.output_dir, args.force)
         except (FileNotFoundError, FileExistsError) as error:
             parser.error(str(error))
-        print(f"Copied {args.model} to {folder}")
+        print(f"Copied {len(SHIPPED_FILES)} files of {args.model} to {folder}: {', '.join(SHIPPED_FILES)}")
     elif args.command == "data":
         folder = write_dataset(args.output_dir, args.num_train, args.num_test)
-        print(f"Wrote {args.num_train} training and {args.num_test} test scenes to {folder}")
+        print(
+            f"Wrote {args.num_train} training and {args.num_test} test scenes to {folder}: "
+            f"{args.num_train + args.num_test} images in {folder / 'images'}, {folder / 'train.json'} "
+            f"({args.num_train} conversations), {folder / 'test.json'} ({args.num_test} questions)"
+        )
     elif args.command == "base":
-        print(f"Wrote the vision tower and the language model to {write_base_models(args.output_dir)}")
+        folder = write_base_models(args.output_dir)
+        print(f"Wrote the vision tower to {folder / 'vision'} and the language model and tokenizer to {folder / 'text'}")
     else:
         from .modeling import TokenPackerForConditionalGeneration
         from .processing import TokenPackerProcessor

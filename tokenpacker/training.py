@@ -24,6 +24,7 @@ from torch import nn
 from torch.utils.data import Dataset
 from transformers import HfArgumentParser, PreTrainedModel, Trainer, TrainingArguments, set_seed
 from transformers.integrations import is_deepspeed_zero3_enabled
+from transformers.utils import is_torch_bf16_gpu_available, is_torch_xla_available
 from transformers.utils import IMAGE_PROCESSOR_NAME, cached_file
 
 from .modeling import TokenPackerForConditionalGeneration
@@ -118,6 +119,16 @@ class TokenPackerTrainingArguments(TrainingArguments):
     vision_tower_lr: float | None = field(
         default=None, metadata={"help": "Learning rate of a trained vision tower (default: --learning_rate)."}
     )
+
+    def __post_init__(self):
+        # The Trainer's own rule for bfloat16: a GPU (or XLA device) that supports it, unless it runs on the CPU.
+        if (self.bf16 or self.bf16_full_eval) and not self.use_cpu:
+            if not is_torch_bf16_gpu_available() and not is_torch_xla_available():
+                raise ValueError(
+                    "--bf16 needs a GPU with bfloat16 support and this machine has none: leave out --bf16, "
+                    "or add --use_cpu to train on the CPU"
+                )
+        super().__post_init__()
 
 
 class TokenPackerTrainer(Trainer):
@@ -391,7 +402,10 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
 
 def main(argv: list[str] | None = None):
     parser = HfArgumentParser((ModelArguments, DataArguments, TokenPackerTrainingArguments))
-    model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    try:
+        model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    except ValueError as error:
+        sys.exit(f"tokenpacker-train: error: {error}")
     train(model_args, data_args, training_args)
 
 
