@@ -36,6 +36,7 @@ from .original_checkpoint import (
 )
 from .publish import PublishError, PublishResult, publish_folder
 from .shards import ShardReader, ShardWriter, parse_size
+from .sizes import ORIGINAL_TEXT, ORIGINAL_VISION, check_sizes_match_weights
 from .tokenizer import IMAGE_TOKEN, fast_tokenizer_from_sentencepiece
 from .verify import VerificationReport, compare_projector, max_abs_difference
 from .weight_map import CLIP, LLAVA, Mapped, WeightMap
@@ -245,6 +246,28 @@ def default_command(checkpoint, output, vision_tower, dtype, max_shard_size, for
     return shlex.join(arguments)
 
 
+def check_output_is_safe(output: Path, sources: dict[str, Path]) -> None:
+    """Refuses an output folder that is, holds or lies inside a source folder, or that is or holds the current
+    directory or the home folder: replacing it would delete them. Paths are compared resolved (links, `..`)."""
+    target = output.resolve()
+    protected = [(what, folder, True) for what, folder in sources.items()]
+    protected += [("the current directory", Path.cwd(), False), ("the home folder", Path.home(), False)]
+    for what, folder, inside_forbidden in protected:
+        folder = folder.resolve()
+        if target == folder:
+            relation = "is"
+        elif target in folder.parents:
+            relation = "contains"
+        elif inside_forbidden and folder in target.parents:
+            relation = "lies inside"
+        else:
+            continue
+        raise ValueError(
+            f"The output folder {output} {relation} {what} ({folder}): writing there could delete it; choose a new "
+            "folder for the converted checkpoint"
+        )
+
+
 def vision_model_id(vision_tower: str | Path, checkpoint: LlavaCheckpoint) -> str | None:
     """The vision tower's Hub id, for the model card: the argument, or the checkpoint's mm_vision_tower."""
     for candidate in (str(vision_tower), str(checkpoint.config.get("mm_vision_tower", ""))):
@@ -310,18 +333,26 @@ def original_tokenizer(original: LlavaCheckpoint, embedding_rows: int | None) ->
     )
 
 
+def shapes_of(tensors: dict[str, TensorInfo]) -> dict[str, tuple[int, ...]]:
+    return {name: info.shape for name, info in tensors.items()}
+
+
 def prepare_conversion(
     checkpoint: str | Path, vision_tower: str | Path, dtype: torch.dtype | None, output: Path
 ) -> PreparedConversion:
     """Reads both sources' configs and tables of contents, builds the config and the tokenizer, maps every tensor."""
     original = LlavaCheckpoint(checkpoint)
     vision_folder = vision_tower_folder(vision_tower)
-    for source_folder in (original.folder, vision_folder):
-        if output.resolve() == source_folder.resolve():
-            raise ValueError(f"The output folder {output} must not be a source folder")
+    check_output_is_safe(output, {"the checkpoint folder": original.folder, "the vision tower folder": vision_folder})
     vision_config = read_vision_config(vision_folder)
     vision_files = CheckpointFiles(vision_folder, "vision tower")
     llava_tensors, vision_tensors = original.files.inventory(), vision_files.inventory()
+    check_sizes_match_weights(
+        original.folder / "config.json", "", original.config, shapes_of(llava_tensors), ORIGINAL_TEXT
+    )
+    check_sizes_match_weights(
+        vision_folder / "config.json", "", vision_config, shapes_of(vision_tensors), ORIGINAL_VISION
+    )
     embeddings = llava_tensors.get("model.embed_tokens.weight")
     tokenizer = original_tokenizer(original, embeddings.shape[0] if embeddings else None)
     config = tokenpacker_config(
@@ -374,6 +405,10 @@ def convert_checkpoint(
             token from HF_TOKEN or the saved login).
     """
     output = Path(output)
+    local_sources = {"the checkpoint folder": Path(checkpoint)}
+    if Path(vision_tower).exists():
+        local_sources["the vision tower folder"] = Path(vision_tower)
+    check_output_is_safe(output, local_sources)
     if (output.exists() or output.is_symlink()) and not force:
         raise FileExistsError(f"{output} already exists; pass --force (force=True) to replace it")
     shard_bytes = parse_size(max_shard_size)
