@@ -12,6 +12,7 @@ import shutil
 import sys
 import tempfile
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,7 +40,7 @@ from .shards import ShardReader, ShardWriter, parse_size
 from .sizes import ORIGINAL_TEXT, ORIGINAL_VISION, check_sizes_match_weights
 from .tokenizer import IMAGE_TOKEN, fast_tokenizer_from_sentencepiece
 from .verify import VerificationReport, compare_projector, max_abs_difference
-from .weight_map import CLIP, LLAVA, Mapped, WeightMap
+from .weight_map import CLIP, LLAVA, Mapped, WeightMap, appended_rows
 
 logger = logging.getLogger(__name__)
 
@@ -129,42 +130,80 @@ def by_shard(plan: list[PlannedTensor]) -> list[tuple[CheckpointFiles, Path, lis
 
 def converted_tensors(step: PlannedTensor, tensor: torch.Tensor, dtype: torch.dtype, added_rows: int):
     """The target tensors of one source tensor, each an owned contiguous copy (the source may be memory-mapped)."""
-    tensor = tensor.to(dtype=dtype, copy=True)
     targets = step.mapped.targets
     if step.mapped.rule.grows_with_vocabulary:
-        return [(targets[0], torch.cat([tensor, tensor.new_zeros(added_rows, *tensor.shape[1:])]))]
+        return [(targets[0], torch.cat([tensor.to(dtype), appended_rows(tensor, added_rows).to(dtype)]))]
+    tensor = tensor.to(dtype=dtype, copy=True)
     if len(targets) > 1:
         return [(target, part.clone()) for target, part in zip(targets, tensor.chunk(len(targets)))]
     return [(targets[0], tensor)]
 
 
+def non_finite_problem(name: str, source: torch.Tensor, converted: list[torch.Tensor], dtype: torch.dtype) -> str:
+    """Why a tensor is not finite after conversion ("" when it is): NaN/inf in the source, or values too large for
+    `dtype`."""
+    if not source.is_floating_point() or all(torch.isfinite(tensor).all() for tensor in converted):
+        return ""
+    if not torch.isfinite(source).all():
+        return f"{name} (NaN or inf in the source)"
+    largest = source.abs().max().item()
+    return f"{name} (values up to {largest:.3g} overflow {str(dtype).removeprefix('torch.')})"
+
+
 def write_weights(
-    plan: list[PlannedTensor], folder: Path, dtype: torch.dtype, added_rows: int, max_shard_size: int
-) -> dict[str, str]:
-    """Converts the planned tensors shard by shard; returns the weight map (tensor name -> file name)."""
+    plan: list[PlannedTensor],
+    folder: Path,
+    dtype: torch.dtype,
+    added_rows: int,
+    max_shard_size: int,
+    allow_non_finite: bool = False,
+) -> tuple[dict[str, str], list[str]]:
+    """Converts the planned tensors shard by shard; returns the weight map (tensor name -> file name) and the source
+    tensors that are not finite after conversion, which are refused unless `allow_non_finite`."""
     writer = ShardWriter(folder, max_shard_size)
+    non_finite = []
     for files, shard, steps in by_shard(plan):
         logger.info("Converting %s", shard)
         with files.open(shard) as contents:
             for step in steps:
                 if step.mapped.rule.dropped:
                     continue
-                for target, tensor in converted_tensors(step, contents.get(step.mapped.name), dtype, added_rows):
+                source = contents.get(step.mapped.name)
+                converted = converted_tensors(step, source, dtype, added_rows)
+                problem = non_finite_problem(step.mapped.name, source, [tensor for _, tensor in converted], dtype)
+                if problem:
+                    non_finite.append(problem)
+                for target, tensor in converted:
                     writer.add(target, tensor)
-    return writer.finish()
+    if non_finite and not allow_non_finite:
+        raise ValueError(
+            f"{len(non_finite)} tensor(s) would not be finite in the converted checkpoint: {non_finite}; pass "
+            "--allow-non-finite (allow_non_finite=True) to convert them as they are"
+        )
+    return writer.finish(), non_finite
+
+
+def same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Exact equality, NaN equal to NaN (`torch.equal` says NaN != NaN)."""
+    if torch.equal(a, b):
+        return True
+    return a.shape == b.shape and bool(torch.isclose(a, b, rtol=0, atol=0, equal_nan=True).all())
 
 
 def verify_tensor(
     step: PlannedTensor, contents: ShardContents, reader: ShardReader, dtype: torch.dtype, report: VerificationReport
 ):
-    """Checks the targets of one source tensor (exact equality with the source cast to `dtype`, zero new rows) and
-    records the difference to the uncast source. Holds no tensor after returning: they map whole files."""
+    """Checks the targets of one source tensor (exact equality with the source cast to `dtype`, new rows exactly
+    `appended_rows`) and records the difference to the uncast source. Holds no tensor after returning: they map whole
+    files."""
     source, targets = contents.get(step.mapped.name), step.mapped.targets
     written = [reader.get(target) for target in targets]
     whole = torch.cat(written) if len(written) > 1 else written[0]
-    kept = whole[: source.shape[0]] if step.mapped.rule.grows_with_vocabulary else whole
-    added = whole[source.shape[0] :] if step.mapped.rule.grows_with_vocabulary else whole[:0]
-    if not torch.equal(kept, source.to(dtype)) or added.count_nonzero():
+    grows = step.mapped.rule.grows_with_vocabulary
+    kept = whole[: source.shape[0]] if grows else whole
+    added = whole[source.shape[0] :] if grows else whole[:0]
+    expected_added = appended_rows(source, added.shape[0]).to(dtype) if grows else added
+    if not (same_values(kept, source.to(dtype)) and same_values(added, expected_added)):
         raise ValueError(
             f"Verification failed: {list(targets)} in {reader.folder} differ from {step.mapped.name} cast to {dtype}"
         )
@@ -178,9 +217,13 @@ def verify_weights(
     config: TokenPackerConfig,
     dtype: torch.dtype,
     new_tokens: tuple[str, ...],
+    non_finite: Sequence[str] = (),
 ) -> VerificationReport:
-    """Reads the written folder back against the sources, then compares its projector with the original formula."""
-    report = VerificationReport(dtype=dtype, new_rows=new_tokens, dropped=dropped_counts(plan))
+    """Reads the written folder back against the sources, then compares its projector with the original formula
+    (skipped when the projector holds allowed non-finite weights, which make any output NaN)."""
+    report = VerificationReport(
+        dtype=dtype, new_rows=new_tokens, dropped=dropped_counts(plan), non_finite=tuple(non_finite)
+    )
     reader = ShardReader(folder, weight_map)
     original_projector, converted_projector = {}, {}
     for files, shard, steps in by_shard(plan):
@@ -198,6 +241,8 @@ def verify_weights(
                         for target in step.mapped.targets
                     )
     reader.close()
+    if any(problem.startswith(ORIGINAL_PROJECTOR) for problem in non_finite):
+        return report
     difference, scale = compare_projector(config, converted_projector, original_projector)
     report.projector_difference, report.projector_scale = difference, scale
     if not difference <= PROJECTOR_TOLERANCE * max(scale, 1.0):
@@ -236,13 +281,16 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     return DTYPES[dtype]
 
 
-def default_command(checkpoint, output, vision_tower, dtype, max_shard_size, force, verify, push_to_hub) -> str:
+def default_command(
+    checkpoint, output, vision_tower, dtype, max_shard_size, force, verify, push_to_hub, allow_non_finite
+) -> str:
     arguments = ["tokenpacker-convert", "--checkpoint", str(checkpoint), "--vision-tower", str(vision_tower)]
     arguments += ["--output", str(output)]
     if dtype is not None:
         arguments += ["--dtype", str(dtype).removeprefix("torch.")]
     arguments += ["--max-shard-size", str(max_shard_size)] + ["--force"] * force + ["--no-verify"] * (not verify)
     arguments += ["--push-to-hub", push_to_hub] if push_to_hub else []
+    arguments += ["--allow-non-finite"] * allow_non_finite
     return shlex.join(arguments)
 
 
@@ -389,6 +437,7 @@ def convert_checkpoint(
     license: str = "llama2",
     command: str | None = None,
     push_to_hub: str | None = None,
+    allow_non_finite: bool = False,
 ) -> ConversionResult:
     """Converts an original TokenPacker checkpoint into a safetensors folder that `from_pretrained` loads.
 
@@ -403,6 +452,7 @@ def convert_checkpoint(
         command: the command line to show in the model card (default: the equivalent `tokenpacker-convert` call).
         push_to_hub: a Hub repo id to publish the finished folder to (`tokenpacker.conversion.publish.publish_folder`,
             token from HF_TOKEN or the saved login).
+        allow_non_finite: convert tensors that hold NaN or inf, or overflow `dtype`, instead of refusing them.
     """
     output = Path(output)
     local_sources = {"the checkpoint folder": Path(checkpoint)}
@@ -415,12 +465,14 @@ def convert_checkpoint(
     prepared = prepare_conversion(checkpoint, vision_tower, resolve_dtype(dtype), output)
     config, plan = prepared.config, prepared.plan
     command = command or default_command(
-        checkpoint, output, vision_tower, dtype, max_shard_size, force, verify, push_to_hub
+        checkpoint, output, vision_tower, dtype, max_shard_size, force, verify, push_to_hub, allow_non_finite
     )
 
     folder = OutputFolder(output)
     try:
-        weight_map = write_weights(plan, folder.path, prepared.dtype, len(prepared.new_tokens), shard_bytes)
+        weight_map, non_finite = write_weights(
+            plan, folder.path, prepared.dtype, len(prepared.new_tokens), shard_bytes, allow_non_finite
+        )
         config.save_pretrained(folder.path)
         model_class = TokenPackerForConditionalGeneration
         write_remote_code(folder.path, model_class.__module__, model_class.remote_code_auto_map)
@@ -429,7 +481,9 @@ def convert_checkpoint(
         TokenPackerProcessor.from_model_config(config, prepared.tokenizer).save_pretrained(folder.path)
         report = None
         if verify:
-            report = verify_weights(plan, folder.path, weight_map, config, prepared.dtype, prepared.new_tokens)
+            report = verify_weights(
+                plan, folder.path, weight_map, config, prepared.dtype, prepared.new_tokens, non_finite
+            )
         card = model_card(
             config,
             model_id=push_to_hub or output.name,
@@ -475,6 +529,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-shard-size", default="5GB", help="largest output shard (default: 5GB)")
     parser.add_argument("--force", action="store_true", help="replace an existing output folder")
     parser.add_argument("--no-verify", dest="verify", action="store_false", help="skip reading everything back")
+    parser.add_argument(
+        "--allow-non-finite",
+        action="store_true",
+        help="convert weights that hold NaN or inf, or overflow --dtype (by default they are listed and refused)",
+    )
     parser.add_argument("--license", default="llama2", help="license in the model card (default: llama2)")
     parser.add_argument(
         "--push-to-hub",
@@ -496,6 +555,7 @@ def main(argv: list[str] | None = None) -> int:
             license=args.license,
             command=command,
             push_to_hub=args.push_to_hub,
+            allow_non_finite=args.allow_non_finite,
         )
     except (ValueError, TypeError, FileNotFoundError, FileExistsError, PublishError) as error:
         print(f"tokenpacker-convert: error: {error}", file=sys.stderr)

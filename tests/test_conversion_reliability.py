@@ -2,6 +2,7 @@
 new vocabulary rows, non-finite weights, signals and stale staging folders, and inputs that must fail in one line."""
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -9,10 +10,16 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from tokenpacker.conversion import convert_checkpoint
+from tokenpacker.conversion import convert as convert_module
 from tokenpacker.conversion.convert import main
 
-from .original_checkpoints import write_original_release
+from transformers import AutoModelForImageTextToText
+
+from .original_checkpoints import TEXT, VOCAB, write_original_release
 
 
 @pytest.fixture(scope="module")
@@ -225,3 +232,120 @@ def test_a_million_layers_in_a_config_is_refused_at_once_by_conversion_and_publi
         assert error is not None and error.startswith(message), (name, error)
         assert seconds < 5, (name, seconds)
     assert not (tmp_path / "out").exists()
+
+
+# The rows appended for <image> and <pad> differ from each other and from every original row, the same on every run.
+
+
+def read_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(file, "pt") as handle:
+            tensors.update((name, handle.get_tensor(name)) for name in handle.keys())
+    return tensors
+
+
+def test_new_vocabulary_rows_are_distinct_and_reproducible(release, converted, tmp_path):
+    tensors = read_tensors(converted.output)
+    for name in ("model.language_model.embed_tokens.weight", "lm_head.weight"):
+        original, new = tensors[name][:VOCAB], tensors[name][VOCAB:]
+        assert new.shape == (2, TEXT["hidden_size"]) and torch.isfinite(new).all()
+        assert not torch.equal(new[0], new[1]), name
+        assert (torch.cdist(new, original).min(dim=1).values > 0).all(), name  # no original row repeated
+    again = convert_checkpoint(release.checkpoint, tmp_path / "again", vision_tower=release.vision_tower)
+    files = sorted(path.name for path in converted.output.glob("*.safetensors"))
+    assert files == sorted(path.name for path in again.output.glob("*.safetensors"))
+    for file in files:
+        assert (converted.output / file).read_bytes() == (again.output / file).read_bytes(), file
+
+
+def test_a_converted_model_gives_the_same_logits_from_ids_and_from_embeddings(converted):
+    model = AutoModelForImageTextToText.from_pretrained(converted.output).eval()
+    config = model.config
+    image, pad, tokens = config.image_token_id, config.text_config.pad_token_id, config.num_image_tokens
+    assert pad != image
+    input_ids = torch.tensor([[pad, pad, 1, 5] + [image] * tokens + [9, 10], [1, 5, 6, 7] + [image] * tokens + [9, 10]])
+    attention_mask = (input_ids != pad).long()
+    assert attention_mask[0, :2].tolist() == [0, 0] and attention_mask[1].all()  # left padding in the first row
+    pixel_values = torch.randn(2, 3, 336, 336, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        from_ids = model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values).logits
+        embeddings = model.get_input_embeddings()(input_ids)
+        from_embeddings = model(
+            inputs_embeds=embeddings, attention_mask=attention_mask, pixel_values=pixel_values
+        ).logits
+    kept = attention_mask.bool()
+    torch.testing.assert_close(from_embeddings[kept], from_ids[kept], atol=1e-5, rtol=0)
+
+
+def test_verification_checks_the_new_rows_against_their_rule(release, tmp_path, monkeypatch):
+    add = convert_module.ShardWriter.add
+
+    def zeroing_add(self, name, tensor):
+        if name == "lm_head.weight":
+            tensor = torch.cat([tensor[:VOCAB], torch.zeros_like(tensor[VOCAB:])])
+        add(self, name, tensor)
+
+    monkeypatch.setattr(convert_module.ShardWriter, "add", zeroing_add)
+    with pytest.raises(ValueError, match=r"Verification failed: \['lm_head\.weight'\] in .* differ from lm_head\.weight"):
+        convert_checkpoint(release.checkpoint, tmp_path / "out", vision_tower=release.vision_tower)
+    assert list(tmp_path.iterdir()) == []
+
+
+# Weights that are not finite in the source, or overflow the output dtype, are named and refused unless allowed.
+
+
+def set_values(checkpoint: Path, changes: dict[str, tuple[int, float]]):
+    """Writes `value` at flat position `index` of each named tensor, in its safetensors shard."""
+    weight_map = json.loads((checkpoint / "model.safetensors.index.json").read_text())["weight_map"]
+    for name, (index, value) in changes.items():
+        file = checkpoint / weight_map[name]
+        tensors = load_file(file)
+        tensors[name].view(-1)[index] = value
+        save_file(tensors, file, metadata={"format": "pt"})
+
+
+def test_non_finite_source_weights_are_named_and_refused_unless_allowed(release, tmp_path, capsys):
+    checkpoint = tmp_path / "checkpoint"
+    shutil.copytree(release.checkpoint, checkpoint)
+    changes = {
+        "model.layers.0.mlp.up_proj.weight": (5, math.nan),
+        "model.mm_projector.mlp.2.bias": (0, math.inf),
+    }
+    set_values(checkpoint, changes)
+    arguments = ["--checkpoint", checkpoint, "--vision-tower", release.vision_tower, "--output", tmp_path / "out"]
+    code, err = convert_cli(capsys, *arguments)
+    assert code == 1 and "Traceback" not in err
+    assert err.startswith("tokenpacker-convert: error: 2 tensor(s) would not be finite in the converted checkpoint: ")
+    for name in changes:
+        assert f"{name} (NaN or inf in the source)" in err
+    assert "--allow-non-finite" in err and not (tmp_path / "out").exists()
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["checkpoint"]
+
+    assert main([*map(str, arguments), "--allow-non-finite"]) == 0
+    report = capsys.readouterr().out
+    assert "projector vs the original formula: skipped (its weights are not finite)" in report
+    tensors = read_tensors(tmp_path / "out")
+    up_proj = tensors["model.language_model.layers.0.mlp.up_proj.weight"].view(-1)
+    assert math.isnan(up_proj[5]) and torch.isfinite(up_proj[:5]).all()
+    assert tensors["model.multi_modal_projector.output_proj.linear_2.bias"][0] == math.inf
+
+
+def test_values_that_overflow_the_output_dtype_are_named_and_refused_unless_allowed(release, tmp_path, capsys):
+    checkpoint = tmp_path / "checkpoint"
+    shutil.copytree(release.checkpoint, checkpoint)
+    set_values(checkpoint, {"model.layers.1.self_attn.o_proj.weight": (3, 1e6)})
+    arguments = ["--checkpoint", checkpoint, "--vision-tower", release.vision_tower, "--output", tmp_path / "out"]
+    code, err = convert_cli(capsys, *arguments, "--dtype", "float16")
+    assert code == 1
+    assert "model.layers.1.self_attn.o_proj.weight (values up to 1e+06 overflow float16)" in err
+    assert not (tmp_path / "out").exists()
+    code, _ = convert_cli(capsys, *arguments, "--dtype", "bfloat16")  # bfloat16 holds 1e6
+    assert code == 0
+    assert main([*map(str, arguments), "--dtype", "float16", "--allow-non-finite", "--force"]) == 0
+    report = capsys.readouterr().out
+    assert "not finite, converted as allowed: model.layers.1.self_attn.o_proj.weight (values up to 1e+06" in report
+    assert "projector vs the original formula (nn.MultiheadAttention" in report  # still checked: it is finite
+    weight = read_tensors(tmp_path / "out")["model.language_model.layers.1.self_attn.o_proj.weight"]
+    assert weight.dtype == torch.float16 and weight.view(-1)[3] == math.inf
+    assert torch.isfinite(weight).sum() == weight.numel() - 1
