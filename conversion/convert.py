@@ -5,18 +5,20 @@ target and moved into place only once complete and verified, so a failure leaves
 """
 
 import argparse
+import json
 import logging
 import os
 import shlex
 import shutil
+import signal
 import sys
+import threading
 import tempfile
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import sentencepiece as spm
 import torch
 from transformers import GenerationConfig, PreTrainedTokenizerFast
 
@@ -31,6 +33,7 @@ from .original_checkpoint import (
     ORIGINAL_PROJECTOR,
     LlavaCheckpoint,
     SeparatorIds,
+    load_sentencepiece,
     read_vision_config,
     tokenpacker_config,
     vision_tower_folder,
@@ -325,17 +328,65 @@ def vision_model_id(vision_tower: str | Path, checkpoint: LlavaCheckpoint) -> st
     return None
 
 
+STAGING_MARKER = ".tokenpacker-staging"  # in a staging folder: {"pid": ..., "created_parents": [...]}
+
+
+def staging_prefix(target: Path) -> str:
+    return f".{target.name}.converting-"
+
+
+def process_is_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_empty_folders(folders: list[Path]):
+    """Removes each folder that is empty, deepest first."""
+    for folder in sorted(folders, key=lambda path: len(path.parts), reverse=True):
+        try:
+            folder.rmdir()
+        except OSError:
+            pass
+
+
+def remove_stale_staging(target: Path):
+    """Removes the staging folders that earlier conversions to `target` left when killed: those beside it that carry
+    our marker with the id of a process that is gone, and the parent folders those conversions created, if empty."""
+    if not target.parent.is_dir():
+        return
+    for folder in target.parent.glob(staging_prefix(target) + "*"):
+        try:
+            marker = json.loads((folder / STAGING_MARKER).read_text())
+            pid, created = int(marker["pid"]), [Path(path) for path in marker["created_parents"]]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # not ours, or still being set up
+        if not process_is_alive(pid):
+            logger.info("Removing %s, left by an interrupted conversion (process %d)", folder, pid)
+            shutil.rmtree(folder, ignore_errors=True)
+            remove_empty_folders(created)
+
+
 class OutputFolder:
     """A temporary folder beside `target` that replaces it only on `commit()`; `discard()` removes every trace,
-    including parent folders it had to create."""
+    including parent folders it had to create. The folder carries a marker (process id, created parents) so that a
+    later conversion to the same target removes it if this process is killed before it can clean up."""
 
     def __init__(self, target: Path):
         self.target = target
-        self.created_parent = next((p for p in reversed(target.parents) if not p.exists()), None)
+        remove_stale_staging(target)
+        self.created_parents = [parent for parent in target.parents if not parent.exists()]
         target.parent.mkdir(parents=True, exist_ok=True)
-        self.path = Path(tempfile.mkdtemp(prefix=f".{target.name}.converting-", dir=target.parent))
+        self.path = Path(tempfile.mkdtemp(prefix=staging_prefix(target), dir=target.parent))
+        marker = {"pid": os.getpid(), "created_parents": [str(parent.absolute()) for parent in self.created_parents]}
+        (self.path / STAGING_MARKER).write_text(json.dumps(marker))
 
     def commit(self):
+        (self.path / STAGING_MARKER).unlink()
         umask = os.umask(0)
         os.umask(umask)
         self.path.chmod(0o777 & ~umask)  # mkdtemp and some writers create owner-only entries
@@ -351,8 +402,7 @@ class OutputFolder:
 
     def discard(self):
         shutil.rmtree(self.path, ignore_errors=True)
-        if self.created_parent is not None:
-            shutil.rmtree(self.created_parent, ignore_errors=True)
+        remove_empty_folders(self.created_parents)
 
 
 @dataclass(frozen=True)
@@ -369,7 +419,7 @@ class PreparedConversion:
 
 def original_tokenizer(original: LlavaCheckpoint, embedding_rows: int | None) -> PreTrainedTokenizerFast:
     """The fast tokenizer of the checkpoint's tokenizer.model, which must hold one piece per embedding row."""
-    pieces = spm.SentencePieceProcessor(model_file=str(original.tokenizer_model)).get_piece_size()
+    pieces = load_sentencepiece(original.tokenizer_model).get_piece_size()
     if not pieces == original.config["vocab_size"] == embedding_rows:
         raise ValueError(
             f"tokenizer.model has {pieces} pieces, config.json a vocab_size of {original.config['vocab_size']} and "
@@ -511,6 +561,13 @@ def convert_checkpoint(
     return ConversionResult(output=output, config=config, report=report, published=published)
 
 
+def interrupt_on_signal(signum, frame):
+    """SIGTERM handled like Ctrl-C: the conversion stops and removes what it wrote. A second signal is ignored while
+    it cleans up."""
+    signal.signal(signum, signal.SIG_IGN)
+    raise KeyboardInterrupt(signal.Signals(signum))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="tokenpacker-convert",
@@ -543,6 +600,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     command = shlex.join(["tokenpacker-convert", *(sys.argv[1:] if argv is None else argv)])
+    handles_signals = threading.current_thread() is threading.main_thread()
+    previous_handler = signal.signal(signal.SIGTERM, interrupt_on_signal) if handles_signals else None
     try:
         result = convert_checkpoint(
             args.checkpoint,
@@ -557,9 +616,16 @@ def main(argv: list[str] | None = None) -> int:
             push_to_hub=args.push_to_hub,
             allow_non_finite=args.allow_non_finite,
         )
-    except (ValueError, TypeError, FileNotFoundError, FileExistsError, PublishError) as error:
+    except (ValueError, TypeError, OSError, PublishError) as error:
         print(f"tokenpacker-convert: error: {error}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt as interrupt:
+        signum = interrupt.args[0] if interrupt.args else signal.SIGINT
+        print(f"tokenpacker-convert: error: stopped by {signum.name}; no partial output is left", file=sys.stderr)
+        return 128 + signum
+    finally:
+        if handles_signals:
+            signal.signal(signal.SIGTERM, previous_handler)
     if result.report is not None:
         print(result.report)
     print(f"Converted {args.checkpoint} -> {result.output}")

@@ -1,24 +1,32 @@
 """Conversion under hostile conditions: outputs that would delete inputs, configs that disagree with their weights,
 new vocabulary rows, non-finite weights, signals and stale staging folders, and inputs that must fail in one line."""
 
+import errno
 import json
 import math
 import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
+from huggingface_hub.utils import _http as huggingface_hub_http
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tokenpacker.conversion import convert_checkpoint
 from tokenpacker.conversion import convert as convert_module
+from tokenpacker.conversion import original_checkpoint
+from tokenpacker.conversion import shards as shards_module
 from tokenpacker.conversion.convert import main
 
 from transformers import AutoModelForImageTextToText
 
+from .hub_server import point_huggingface_hub_at
 from .original_checkpoints import TEXT, VOCAB, write_original_release
 
 
@@ -349,3 +357,224 @@ def test_values_that_overflow_the_output_dtype_are_named_and_refused_unless_allo
     weight = read_tensors(tmp_path / "out")["model.language_model.layers.1.self_attn.o_proj.weight"]
     assert weight.dtype == torch.float16 and weight.view(-1)[3] == math.inf
     assert torch.isfinite(weight).sum() == weight.numel() - 1
+
+
+# Broken inputs and a full disk give one error line that names the file, never a traceback.
+
+
+def corrupt_tokenizer(checkpoint: Path):
+    (checkpoint / "tokenizer.model").write_bytes(b"\x00not a sentencepiece model" * 10)
+
+
+def retype_tensor(checkpoint: Path, dtype: str):
+    """Rewrites the header of the shard holding model.norm.weight so that it claims `dtype` (same byte size)."""
+    weight_map = json.loads((checkpoint / "model.safetensors.index.json").read_text())["weight_map"]
+    file = checkpoint / weight_map["model.norm.weight"]
+    data = file.read_bytes()
+    size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + size])
+    entry = header["model.norm.weight"]
+    entry["dtype"] = dtype
+    entry["shape"] = [entry["shape"][0] * 4 // {"F8_E4M3": 1, "U16": 2}[dtype]]
+    encoded = json.dumps(header).encode().ljust(size)
+    file.write_bytes(len(encoded).to_bytes(8, "little") + encoded + data[8 + size :])
+
+
+def edit_json(path: Path, change):
+    content = json.loads(path.read_text())
+    change(content)
+    path.write_text(json.dumps(content))
+
+
+BROKEN_INPUTS = {
+    "empty tokenizer.model": (
+        lambda c: (c / "tokenizer.model").write_bytes(b""),
+        "Cannot read the sentencepiece model {checkpoint}/tokenizer.model",
+    ),
+    "corrupt tokenizer.model": (corrupt_tokenizer, "Cannot read the sentencepiece model {checkpoint}/tokenizer.model"),
+    "float8 tensors": (
+        lambda c: retype_tensor(c, "F8_E4M3"),
+        "{checkpoint}/model-00001-of-00002.safetensors: model.norm.weight has dtype F8_E4M3, which the conversion "
+        "does not read",
+    ),
+    "uint16 tensors": (
+        lambda c: retype_tensor(c, "U16"),
+        "{checkpoint}/model-00001-of-00002.safetensors: model.norm.weight has dtype U16",
+    ),
+    "unknown rope scaling": (
+        lambda c: edit_json(c / "config.json", lambda config: config.update(rope_scaling={"type": "wavy"})),
+        "{checkpoint}/config.json: rope_scaling type 'wavy' is not one transformers knows",
+    ),
+    "rope scaling without its factor": (
+        lambda c: edit_json(c / "config.json", lambda config: config.update(rope_scaling={"type": "linear"})),
+        "{checkpoint}/config.json does not give a valid model config: KeyError",
+    ),
+    "a number as a shard name": (
+        lambda c: edit_json(
+            c / "model.safetensors.index.json", lambda index: index["weight_map"].update({"lm_head.weight": 2})
+        ),
+        "{checkpoint}/model.safetensors.index.json: the 'weight_map' must map tensor names to file names",
+    ),
+    "a shard outside the folder": (
+        lambda c: edit_json(
+            c / "model.safetensors.index.json",
+            lambda index: index["weight_map"].update({"lm_head.weight": "../clip/model.safetensors"}),
+        ),
+        "{checkpoint}/model.safetensors.index.json: the 'weight_map' must map tensor names to file names",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BROKEN_INPUTS))
+def test_broken_inputs_fail_in_one_line_naming_the_file(case, release, tmp_path, capsys):
+    checkpoint = tmp_path / "checkpoint"
+    shutil.copytree(release.checkpoint, checkpoint)
+    breakage, message = BROKEN_INPUTS[case]
+    breakage(checkpoint)
+    before = snapshot(tmp_path)
+    code, err = convert_cli(
+        capsys, "--checkpoint", checkpoint, "--vision-tower", release.vision_tower, "--output", tmp_path / "out"
+    )
+    assert code == 1 and "Traceback" not in err and err.count("\n") == 1, err
+    assert err.startswith("tokenpacker-convert: error: ") and message.format(checkpoint=checkpoint) in err, err
+    assert snapshot(tmp_path) == before
+
+
+def test_a_full_disk_fails_in_one_line_and_leaves_nothing(release, tmp_path, monkeypatch, capsys):
+    def full_disk(tensors, path, metadata=None):
+        Path(path).write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(shards_module, "save_file", full_disk)
+    code, err = convert_cli(
+        capsys, "--checkpoint", release.checkpoint, "--vision-tower", release.vision_tower, "--output",
+        tmp_path / "new" / "out",
+    )
+    assert code == 1 and "Traceback" not in err and err.count("\n") == 1
+    assert err.startswith("tokenpacker-convert: error: [Errno 28] Cannot write ")
+    assert "model-part-00001.safetensors: No space left on device" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+# SIGTERM cleans up like Ctrl-C; what a SIGKILL leaves is removed by the next conversion to the same folder.
+
+STALLED_CONVERSION = """
+import sys, time
+from pathlib import Path
+from tokenpacker.conversion import convert
+
+write_weights = convert.write_weights
+
+
+def stalled_write_weights(plan, folder, *args, **kwargs):
+    ready = Path(sys.argv[1])
+    ready.with_suffix(".tmp").write_text(str(folder))
+    ready.with_suffix(".tmp").rename(ready)
+    time.sleep(120)
+    return write_weights(plan, folder, *args, **kwargs)
+
+
+convert.write_weights = stalled_write_weights
+sys.exit(convert.main(sys.argv[2:]))
+"""
+
+
+def start_stalled_conversion(release, tmp_path: Path, output: Path):
+    """`python -m tokenpacker.conversion`'s main in a process that stops once its staging folder exists; returns the
+    process and the staging folder."""
+    ready = tmp_path / "ready"
+    arguments = ["--checkpoint", release.checkpoint, "--vision-tower", release.vision_tower, "--output", output]
+    process = subprocess.Popen(
+        [sys.executable, "-c", STALLED_CONVERSION, ready, *map(str, arguments)], stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.monotonic() + 90
+    while not ready.exists():
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            pytest.fail(f"the conversion did not start: {process.communicate(timeout=30)[1][-2000:]}")
+        time.sleep(0.1)
+    staging = Path(ready.read_text())
+    ready.unlink()
+    return process, staging
+
+
+def test_sigterm_removes_the_staging_folder_and_the_parents_it_created(release, tmp_path):
+    output = tmp_path / "work" / "new" / "deeper" / "out"
+    (tmp_path / "work").mkdir()
+    process, staging = start_stalled_conversion(release, tmp_path, output)
+    assert staging.parent == output.parent and staging.name.startswith(".out.converting-")
+    assert json.loads((staging / ".tokenpacker-staging").read_text())["pid"] == process.pid
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 128 + signal.SIGTERM
+    assert err.strip().splitlines()[-1] == "tokenpacker-convert: error: stopped by SIGTERM; no partial output is left"
+    assert "Traceback" not in err
+    assert list((tmp_path / "work").iterdir()) == []
+
+
+def test_a_conversion_removes_what_a_killed_one_left_and_nothing_else(release, tmp_path, capsys):
+    output = tmp_path / "work" / "new" / "out"
+    (tmp_path / "work").mkdir()
+    process, staging = start_stalled_conversion(release, tmp_path, output)
+    process.kill()
+    process.communicate(timeout=60)
+    assert staging.is_dir() and (staging / ".tokenpacker-staging").is_file()  # SIGKILL leaves it
+    foreign = output.parent / ".out.converting-someone-else"  # no marker: not ours
+    foreign.mkdir()
+    running = output.parent / ".out.converting-running"  # the marker of a process that is alive
+    running.mkdir()
+    (running / ".tokenpacker-staging").write_text(json.dumps({"pid": os.getpid(), "created_parents": []}))
+    code, err = convert_cli(
+        capsys, "--checkpoint", release.checkpoint, "--vision-tower", release.vision_tower, "--output", output
+    )
+    assert code == 0, err
+    assert sorted(path.name for path in output.parent.iterdir()) == sorted([foreign.name, running.name, "out"])
+    # The parent folders a killed conversion created go too, once empty.
+    shutil.rmtree(foreign), shutil.rmtree(running), shutil.rmtree(output)
+    stale = output.parent / ".out.converting-stale"
+    stale.mkdir()
+    marker = {"pid": process.pid, "created_parents": [str(output.parent)]}  # the killed process
+    (stale / ".tokenpacker-staging").write_text(json.dumps(marker))
+    convert_module.remove_stale_staging(output)
+    assert list((tmp_path / "work").iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "vision_tower, found",
+    [
+        ("clip", "and it is no Hub repo id of the form namespace/name"),
+        ("models/clip", "and it is no Hub repo id of the form namespace/name"),  # models/ is a local folder
+        ("../elsewhere/clip", "and it is no Hub repo id of the form namespace/name"),
+        ("models/notes.txt", "it is a file"),
+    ],
+)
+def test_a_missing_local_vision_tower_is_named_without_going_online(
+    vision_tower, found, release, tmp_path, monkeypatch, capsys
+):
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "notes.txt").write_text("not a folder")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(original_checkpoint, "hf_hub_download", None)  # any download attempt would fail loudly
+    code, err = convert_cli(
+        capsys, "--checkpoint", release.checkpoint, "--vision-tower", vision_tower, "--output", "out"
+    )
+    assert code == 1 and "Traceback" not in err
+    assert err == f"tokenpacker-convert: error: The vision tower folder {vision_tower} does not exist ({found})\n"
+
+
+def test_an_unreachable_hub_gives_one_line_naming_the_vision_tower(release, tmp_path, monkeypatch, capsys):
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    endpoint = f"http://127.0.0.1:{closed.getsockname()[1]}"  # bound, never listening: connections are refused
+    point_huggingface_hub_at(monkeypatch, endpoint, tmp_path / "hf_home")
+    monkeypatch.setattr(huggingface_hub_http.time, "sleep", lambda seconds: None)  # no waits between its retries
+    start = time.monotonic()
+    code, err = convert_cli(
+        capsys, "--checkpoint", release.checkpoint, "--vision-tower", "openai/clip-tiny", "--output", tmp_path / "out"
+    )
+    closed.close()
+    assert code == 1 and "Traceback" not in err and err.count("\n") == 1
+    assert err.startswith("tokenpacker-convert: error: Cannot download the vision tower openai/clip-tiny from the Hub")
+    assert "if it is meant as a local folder, openai/clip-tiny does not exist" in err
+    assert time.monotonic() - start < 30
+    assert not (tmp_path / "out").exists()
