@@ -89,7 +89,8 @@ def test_force_never_replaces_the_current_directory(output, message, release, tm
     (tmp_path / "work" / "deeper" / "notes.txt").write_text("mine")
     monkeypatch.chdir(tmp_path / "work" / "deeper")
     code, err = convert_cli(
-        capsys, "--checkpoint", release.checkpoint, "--vision-tower", release.vision_tower, "--output", output, "--force"
+        capsys, "--checkpoint", release.checkpoint, "--vision-tower", release.vision_tower, "--output", output,
+        "--force",
     )
     assert code == 1 and f"The output folder {output} {message}" in err
     assert snapshot(tmp_path) == [("work", -1), ("work/deeper", -1), ("work/deeper/notes.txt", 4)]
@@ -295,7 +296,8 @@ def test_verification_checks_the_new_rows_against_their_rule(release, tmp_path, 
         add(self, name, tensor)
 
     monkeypatch.setattr(convert_module.ShardWriter, "add", zeroing_add)
-    with pytest.raises(ValueError, match=r"Verification failed: \['lm_head\.weight'\] in .* differ from lm_head\.weight"):
+    expected = r"Verification failed: \['lm_head\.weight'\] in .* differ from lm_head\.weight"
+    with pytest.raises(ValueError, match=expected):
         convert_checkpoint(release.checkpoint, tmp_path / "out", vision_tower=release.vision_tower)
     assert list(tmp_path.iterdir()) == []
 
