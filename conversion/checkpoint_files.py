@@ -49,7 +49,7 @@ class CheckpointFiles:
         for index_name, single_name in ((SAFETENSORS_INDEX, SAFETENSORS_SINGLE), (TORCH_INDEX, TORCH_SINGLE)):
             index_file = self.folder / index_name
             if index_file.is_file():
-                index = self._read_index(index_file)
+                index = self.read_index(index_file, self.folder)
                 shards = sorted(set(index.values()))
                 missing = [name for name in shards if not (self.folder / name).is_file()]
                 if missing:
@@ -64,13 +64,24 @@ class CheckpointFiles:
             f"{TORCH_INDEX} or {TORCH_SINGLE}"
         )
 
-    def _read_index(self, index_file: Path) -> dict[str, str]:
+    @staticmethod
+    def read_index(index_file: Path, folder: Path) -> dict[str, str]:
+        """The index's weight map (tensor name -> shard file name in `folder`), checked."""
         try:
             weight_map = json.loads(index_file.read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError) as error:
             raise ValueError(f"{index_file} is not a weight index with a 'weight_map': {error}") from error
         if not isinstance(weight_map, dict) or not weight_map:
             raise ValueError(f"{index_file} has an empty or malformed 'weight_map'")
+        wrong = [
+            f"{name!r}: {file!r}"
+            for name, file in weight_map.items()
+            if not isinstance(file, str) or not file or Path(file).name != file or file in (".", "..")
+        ]
+        if wrong:
+            raise ValueError(
+                f"{index_file}: the 'weight_map' must map tensor names to file names in {folder}, got {wrong[:5]}"
+            )
         return weight_map
 
     def inventory(self) -> dict[str, TensorInfo]:
@@ -103,7 +114,7 @@ class CheckpointFiles:
         if shard.suffix == ".safetensors":
             try:
                 with safe_open(shard, framework="pt") as handle:
-                    yield SafetensorsShard(handle)
+                    yield SafetensorsShard(handle, shard)
             except SafetensorError as error:
                 raise ValueError(f"Cannot read the {self.what} shard {shard}: {error} (is it truncated?)") from error
         else:
@@ -131,14 +142,21 @@ class CheckpointFiles:
 
 
 class SafetensorsShard:
-    def __init__(self, handle):
+    def __init__(self, handle, path: Path):
         self.handle = handle
+        self.path = path
 
     def table_of_contents(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         contents = {}
         for name in self.handle.keys():
             tensor_slice = self.handle.get_slice(name)
-            contents[name] = (tuple(tensor_slice.get_shape()), _SAFETENSORS_DTYPES[tensor_slice.get_dtype()])
+            dtype = tensor_slice.get_dtype()
+            if dtype not in _SAFETENSORS_DTYPES:
+                raise ValueError(
+                    f"{self.path}: {name} has dtype {dtype}, which the conversion does not read "
+                    f"(supported: {', '.join(_SAFETENSORS_DTYPES)})"
+                )
+            contents[name] = (tuple(tensor_slice.get_shape()), _SAFETENSORS_DTYPES[dtype])
         return contents
 
     def names(self) -> list[str]:

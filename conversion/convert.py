@@ -5,17 +5,20 @@ target and moved into place only once complete and verified, so a failure leaves
 """
 
 import argparse
+import json
 import logging
 import os
 import shlex
 import shutil
+import signal
 import sys
+import threading
 import tempfile
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import sentencepiece as spm
 import torch
 from transformers import GenerationConfig, PreTrainedTokenizerFast
 
@@ -30,15 +33,17 @@ from .original_checkpoint import (
     ORIGINAL_PROJECTOR,
     LlavaCheckpoint,
     SeparatorIds,
+    load_sentencepiece,
     read_vision_config,
     tokenpacker_config,
     vision_tower_folder,
 )
 from .publish import PublishError, PublishResult, publish_folder
 from .shards import ShardReader, ShardWriter, parse_size
+from .sizes import ORIGINAL_TEXT, ORIGINAL_VISION, check_sizes_match_weights
 from .tokenizer import IMAGE_TOKEN, fast_tokenizer_from_sentencepiece
 from .verify import VerificationReport, compare_projector, max_abs_difference
-from .weight_map import CLIP, LLAVA, Mapped, WeightMap
+from .weight_map import CLIP, LLAVA, Mapped, WeightMap, appended_rows
 
 logger = logging.getLogger(__name__)
 
@@ -128,42 +133,80 @@ def by_shard(plan: list[PlannedTensor]) -> list[tuple[CheckpointFiles, Path, lis
 
 def converted_tensors(step: PlannedTensor, tensor: torch.Tensor, dtype: torch.dtype, added_rows: int):
     """The target tensors of one source tensor, each an owned contiguous copy (the source may be memory-mapped)."""
-    tensor = tensor.to(dtype=dtype, copy=True)
     targets = step.mapped.targets
     if step.mapped.rule.grows_with_vocabulary:
-        return [(targets[0], torch.cat([tensor, tensor.new_zeros(added_rows, *tensor.shape[1:])]))]
+        return [(targets[0], torch.cat([tensor.to(dtype), appended_rows(tensor, added_rows).to(dtype)]))]
+    tensor = tensor.to(dtype=dtype, copy=True)
     if len(targets) > 1:
         return [(target, part.clone()) for target, part in zip(targets, tensor.chunk(len(targets)))]
     return [(targets[0], tensor)]
 
 
+def non_finite_problem(name: str, source: torch.Tensor, converted: list[torch.Tensor], dtype: torch.dtype) -> str:
+    """Why a tensor is not finite after conversion ("" when it is): NaN/inf in the source, or values too large for
+    `dtype`."""
+    if not source.is_floating_point() or all(torch.isfinite(tensor).all() for tensor in converted):
+        return ""
+    if not torch.isfinite(source).all():
+        return f"{name} (NaN or inf in the source)"
+    largest = source.abs().max().item()
+    return f"{name} (values up to {largest:.3g} overflow {str(dtype).removeprefix('torch.')})"
+
+
 def write_weights(
-    plan: list[PlannedTensor], folder: Path, dtype: torch.dtype, added_rows: int, max_shard_size: int
-) -> dict[str, str]:
-    """Converts the planned tensors shard by shard; returns the weight map (tensor name -> file name)."""
+    plan: list[PlannedTensor],
+    folder: Path,
+    dtype: torch.dtype,
+    added_rows: int,
+    max_shard_size: int,
+    allow_non_finite: bool = False,
+) -> tuple[dict[str, str], list[str]]:
+    """Converts the planned tensors shard by shard; returns the weight map (tensor name -> file name) and the source
+    tensors that are not finite after conversion, which are refused unless `allow_non_finite`."""
     writer = ShardWriter(folder, max_shard_size)
+    non_finite = []
     for files, shard, steps in by_shard(plan):
         logger.info("Converting %s", shard)
         with files.open(shard) as contents:
             for step in steps:
                 if step.mapped.rule.dropped:
                     continue
-                for target, tensor in converted_tensors(step, contents.get(step.mapped.name), dtype, added_rows):
+                source = contents.get(step.mapped.name)
+                converted = converted_tensors(step, source, dtype, added_rows)
+                problem = non_finite_problem(step.mapped.name, source, [tensor for _, tensor in converted], dtype)
+                if problem:
+                    non_finite.append(problem)
+                for target, tensor in converted:
                     writer.add(target, tensor)
-    return writer.finish()
+    if non_finite and not allow_non_finite:
+        raise ValueError(
+            f"{len(non_finite)} tensor(s) would not be finite in the converted checkpoint: {non_finite}; pass "
+            "--allow-non-finite (allow_non_finite=True) to convert them as they are"
+        )
+    return writer.finish(), non_finite
+
+
+def same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Exact equality, NaN equal to NaN (`torch.equal` says NaN != NaN)."""
+    if torch.equal(a, b):
+        return True
+    return a.shape == b.shape and bool(torch.isclose(a, b, rtol=0, atol=0, equal_nan=True).all())
 
 
 def verify_tensor(
     step: PlannedTensor, contents: ShardContents, reader: ShardReader, dtype: torch.dtype, report: VerificationReport
 ):
-    """Checks the targets of one source tensor (exact equality with the source cast to `dtype`, zero new rows) and
-    records the difference to the uncast source. Holds no tensor after returning: they map whole files."""
+    """Checks the targets of one source tensor (exact equality with the source cast to `dtype`, new rows exactly
+    `appended_rows`) and records the difference to the uncast source. Holds no tensor after returning: they map whole
+    files."""
     source, targets = contents.get(step.mapped.name), step.mapped.targets
     written = [reader.get(target) for target in targets]
     whole = torch.cat(written) if len(written) > 1 else written[0]
-    kept = whole[: source.shape[0]] if step.mapped.rule.grows_with_vocabulary else whole
-    added = whole[source.shape[0] :] if step.mapped.rule.grows_with_vocabulary else whole[:0]
-    if not torch.equal(kept, source.to(dtype)) or added.count_nonzero():
+    grows = step.mapped.rule.grows_with_vocabulary
+    kept = whole[: source.shape[0]] if grows else whole
+    added = whole[source.shape[0] :] if grows else whole[:0]
+    expected_added = appended_rows(source, added.shape[0]).to(dtype) if grows else added
+    if not (same_values(kept, source.to(dtype)) and same_values(added, expected_added)):
         raise ValueError(
             f"Verification failed: {list(targets)} in {reader.folder} differ from {step.mapped.name} cast to {dtype}"
         )
@@ -177,9 +220,13 @@ def verify_weights(
     config: TokenPackerConfig,
     dtype: torch.dtype,
     new_tokens: tuple[str, ...],
+    non_finite: Sequence[str] = (),
 ) -> VerificationReport:
-    """Reads the written folder back against the sources, then compares its projector with the original formula."""
-    report = VerificationReport(dtype=dtype, new_rows=new_tokens, dropped=dropped_counts(plan))
+    """Reads the written folder back against the sources, then compares its projector with the original formula
+    (skipped when the projector holds allowed non-finite weights, which make any output NaN)."""
+    report = VerificationReport(
+        dtype=dtype, new_rows=new_tokens, dropped=dropped_counts(plan), non_finite=tuple(non_finite)
+    )
     reader = ShardReader(folder, weight_map)
     original_projector, converted_projector = {}, {}
     for files, shard, steps in by_shard(plan):
@@ -197,6 +244,8 @@ def verify_weights(
                         for target in step.mapped.targets
                     )
     reader.close()
+    if any(problem.startswith(ORIGINAL_PROJECTOR) for problem in non_finite):
+        return report
     difference, scale = compare_projector(config, converted_projector, original_projector)
     report.projector_difference, report.projector_scale = difference, scale
     if not difference <= PROJECTOR_TOLERANCE * max(scale, 1.0):
@@ -235,14 +284,39 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     return DTYPES[dtype]
 
 
-def default_command(checkpoint, output, vision_tower, dtype, max_shard_size, force, verify, push_to_hub) -> str:
+def default_command(
+    checkpoint, output, vision_tower, dtype, max_shard_size, force, verify, push_to_hub, allow_non_finite
+) -> str:
     arguments = ["tokenpacker-convert", "--checkpoint", str(checkpoint), "--vision-tower", str(vision_tower)]
     arguments += ["--output", str(output)]
     if dtype is not None:
         arguments += ["--dtype", str(dtype).removeprefix("torch.")]
     arguments += ["--max-shard-size", str(max_shard_size)] + ["--force"] * force + ["--no-verify"] * (not verify)
     arguments += ["--push-to-hub", push_to_hub] if push_to_hub else []
+    arguments += ["--allow-non-finite"] * allow_non_finite
     return shlex.join(arguments)
+
+
+def check_output_is_safe(output: Path, sources: dict[str, Path]) -> None:
+    """Refuses an output folder that is, holds or lies inside a source folder, or that is or holds the current
+    directory or the home folder: replacing it would delete them. Paths are compared resolved (links, `..`)."""
+    target = output.resolve()
+    protected = [(what, folder, True) for what, folder in sources.items()]
+    protected += [("the current directory", Path.cwd(), False), ("the home folder", Path.home(), False)]
+    for what, folder, inside_forbidden in protected:
+        folder = folder.resolve()
+        if target == folder:
+            relation = "is"
+        elif target in folder.parents:
+            relation = "contains"
+        elif inside_forbidden and folder in target.parents:
+            relation = "lies inside"
+        else:
+            continue
+        raise ValueError(
+            f"The output folder {output} {relation} {what} ({folder}): writing there could delete it; choose a new "
+            "folder for the converted checkpoint"
+        )
 
 
 def vision_model_id(vision_tower: str | Path, checkpoint: LlavaCheckpoint) -> str | None:
@@ -254,17 +328,65 @@ def vision_model_id(vision_tower: str | Path, checkpoint: LlavaCheckpoint) -> st
     return None
 
 
+STAGING_MARKER = ".tokenpacker-staging"  # in a staging folder: {"pid": ..., "created_parents": [...]}
+
+
+def staging_prefix(target: Path) -> str:
+    return f".{target.name}.converting-"
+
+
+def process_is_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_empty_folders(folders: list[Path]):
+    """Removes each folder that is empty, deepest first."""
+    for folder in sorted(folders, key=lambda path: len(path.parts), reverse=True):
+        try:
+            folder.rmdir()
+        except OSError:
+            pass
+
+
+def remove_stale_staging(target: Path):
+    """Removes the staging folders that earlier conversions to `target` left when killed: those beside it that carry
+    our marker with the id of a process that is gone, and the parent folders those conversions created, if empty."""
+    if not target.parent.is_dir():
+        return
+    for folder in target.parent.glob(staging_prefix(target) + "*"):
+        try:
+            marker = json.loads((folder / STAGING_MARKER).read_text())
+            pid, created = int(marker["pid"]), [Path(path) for path in marker["created_parents"]]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # not ours, or still being set up
+        if not process_is_alive(pid):
+            logger.info("Removing %s, left by an interrupted conversion (process %d)", folder, pid)
+            shutil.rmtree(folder, ignore_errors=True)
+            remove_empty_folders(created)
+
+
 class OutputFolder:
     """A temporary folder beside `target` that replaces it only on `commit()`; `discard()` removes every trace,
-    including parent folders it had to create."""
+    including parent folders it had to create. The folder carries a marker (process id, created parents) so that a
+    later conversion to the same target removes it if this process is killed before it can clean up."""
 
     def __init__(self, target: Path):
         self.target = target
-        self.created_parent = next((p for p in reversed(target.parents) if not p.exists()), None)
+        remove_stale_staging(target)
+        self.created_parents = [parent for parent in target.parents if not parent.exists()]
         target.parent.mkdir(parents=True, exist_ok=True)
-        self.path = Path(tempfile.mkdtemp(prefix=f".{target.name}.converting-", dir=target.parent))
+        self.path = Path(tempfile.mkdtemp(prefix=staging_prefix(target), dir=target.parent))
+        marker = {"pid": os.getpid(), "created_parents": [str(parent.absolute()) for parent in self.created_parents]}
+        (self.path / STAGING_MARKER).write_text(json.dumps(marker))
 
     def commit(self):
+        (self.path / STAGING_MARKER).unlink()
         umask = os.umask(0)
         os.umask(umask)
         self.path.chmod(0o777 & ~umask)  # mkdtemp and some writers create owner-only entries
@@ -280,8 +402,7 @@ class OutputFolder:
 
     def discard(self):
         shutil.rmtree(self.path, ignore_errors=True)
-        if self.created_parent is not None:
-            shutil.rmtree(self.created_parent, ignore_errors=True)
+        remove_empty_folders(self.created_parents)
 
 
 @dataclass(frozen=True)
@@ -298,7 +419,7 @@ class PreparedConversion:
 
 def original_tokenizer(original: LlavaCheckpoint, embedding_rows: int | None) -> PreTrainedTokenizerFast:
     """The fast tokenizer of the checkpoint's tokenizer.model, which must hold one piece per embedding row."""
-    pieces = spm.SentencePieceProcessor(model_file=str(original.tokenizer_model)).get_piece_size()
+    pieces = load_sentencepiece(original.tokenizer_model).get_piece_size()
     if not pieces == original.config["vocab_size"] == embedding_rows:
         raise ValueError(
             f"tokenizer.model has {pieces} pieces, config.json a vocab_size of {original.config['vocab_size']} and "
@@ -310,18 +431,26 @@ def original_tokenizer(original: LlavaCheckpoint, embedding_rows: int | None) ->
     )
 
 
+def shapes_of(tensors: dict[str, TensorInfo]) -> dict[str, tuple[int, ...]]:
+    return {name: info.shape for name, info in tensors.items()}
+
+
 def prepare_conversion(
     checkpoint: str | Path, vision_tower: str | Path, dtype: torch.dtype | None, output: Path
 ) -> PreparedConversion:
     """Reads both sources' configs and tables of contents, builds the config and the tokenizer, maps every tensor."""
     original = LlavaCheckpoint(checkpoint)
     vision_folder = vision_tower_folder(vision_tower)
-    for source_folder in (original.folder, vision_folder):
-        if output.resolve() == source_folder.resolve():
-            raise ValueError(f"The output folder {output} must not be a source folder")
+    check_output_is_safe(output, {"the checkpoint folder": original.folder, "the vision tower folder": vision_folder})
     vision_config = read_vision_config(vision_folder)
     vision_files = CheckpointFiles(vision_folder, "vision tower")
     llava_tensors, vision_tensors = original.files.inventory(), vision_files.inventory()
+    check_sizes_match_weights(
+        original.folder / "config.json", "", original.config, shapes_of(llava_tensors), ORIGINAL_TEXT
+    )
+    check_sizes_match_weights(
+        vision_folder / "config.json", "", vision_config, shapes_of(vision_tensors), ORIGINAL_VISION
+    )
     embeddings = llava_tensors.get("model.embed_tokens.weight")
     tokenizer = original_tokenizer(original, embeddings.shape[0] if embeddings else None)
     config = tokenpacker_config(
@@ -358,6 +487,7 @@ def convert_checkpoint(
     license: str = "llama2",
     command: str | None = None,
     push_to_hub: str | None = None,
+    allow_non_finite: bool = False,
 ) -> ConversionResult:
     """Converts an original TokenPacker checkpoint into a safetensors folder that `from_pretrained` loads.
 
@@ -372,20 +502,27 @@ def convert_checkpoint(
         command: the command line to show in the model card (default: the equivalent `tokenpacker-convert` call).
         push_to_hub: a Hub repo id to publish the finished folder to (`tokenpacker.conversion.publish.publish_folder`,
             token from HF_TOKEN or the saved login).
+        allow_non_finite: convert tensors that hold NaN or inf, or overflow `dtype`, instead of refusing them.
     """
     output = Path(output)
+    local_sources = {"the checkpoint folder": Path(checkpoint)}
+    if Path(vision_tower).exists():
+        local_sources["the vision tower folder"] = Path(vision_tower)
+    check_output_is_safe(output, local_sources)
     if (output.exists() or output.is_symlink()) and not force:
         raise FileExistsError(f"{output} already exists; pass --force (force=True) to replace it")
     shard_bytes = parse_size(max_shard_size)
     prepared = prepare_conversion(checkpoint, vision_tower, resolve_dtype(dtype), output)
     config, plan = prepared.config, prepared.plan
     command = command or default_command(
-        checkpoint, output, vision_tower, dtype, max_shard_size, force, verify, push_to_hub
+        checkpoint, output, vision_tower, dtype, max_shard_size, force, verify, push_to_hub, allow_non_finite
     )
 
     folder = OutputFolder(output)
     try:
-        weight_map = write_weights(plan, folder.path, prepared.dtype, len(prepared.new_tokens), shard_bytes)
+        weight_map, non_finite = write_weights(
+            plan, folder.path, prepared.dtype, len(prepared.new_tokens), shard_bytes, allow_non_finite
+        )
         config.save_pretrained(folder.path)
         model_class = TokenPackerForConditionalGeneration
         write_remote_code(folder.path, model_class.__module__, model_class.remote_code_auto_map)
@@ -394,7 +531,9 @@ def convert_checkpoint(
         TokenPackerProcessor.from_model_config(config, prepared.tokenizer).save_pretrained(folder.path)
         report = None
         if verify:
-            report = verify_weights(plan, folder.path, weight_map, config, prepared.dtype, prepared.new_tokens)
+            report = verify_weights(
+                plan, folder.path, weight_map, config, prepared.dtype, prepared.new_tokens, non_finite
+            )
         card = model_card(
             config,
             model_id=push_to_hub or output.name,
@@ -422,6 +561,13 @@ def convert_checkpoint(
     return ConversionResult(output=output, config=config, report=report, published=published)
 
 
+def interrupt_on_signal(signum, frame):
+    """SIGTERM handled like Ctrl-C: the conversion stops and removes what it wrote. A second signal is ignored while
+    it cleans up."""
+    signal.signal(signum, signal.SIG_IGN)
+    raise KeyboardInterrupt(signal.Signals(signum))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="tokenpacker-convert",
@@ -440,6 +586,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-shard-size", default="5GB", help="largest output shard (default: 5GB)")
     parser.add_argument("--force", action="store_true", help="replace an existing output folder")
     parser.add_argument("--no-verify", dest="verify", action="store_false", help="skip reading everything back")
+    parser.add_argument(
+        "--allow-non-finite",
+        action="store_true",
+        help="convert weights that hold NaN or inf, or overflow --dtype (by default they are listed and refused)",
+    )
     parser.add_argument("--license", default="llama2", help="license in the model card (default: llama2)")
     parser.add_argument(
         "--push-to-hub",
@@ -449,6 +600,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     command = shlex.join(["tokenpacker-convert", *(sys.argv[1:] if argv is None else argv)])
+    handles_signals = threading.current_thread() is threading.main_thread()
+    previous_handler = signal.signal(signal.SIGTERM, interrupt_on_signal) if handles_signals else None
     try:
         result = convert_checkpoint(
             args.checkpoint,
@@ -461,10 +614,18 @@ def main(argv: list[str] | None = None) -> int:
             license=args.license,
             command=command,
             push_to_hub=args.push_to_hub,
+            allow_non_finite=args.allow_non_finite,
         )
-    except (ValueError, TypeError, FileNotFoundError, FileExistsError, PublishError) as error:
+    except (ValueError, TypeError, OSError, PublishError) as error:
         print(f"tokenpacker-convert: error: {error}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt as interrupt:
+        signum = interrupt.args[0] if interrupt.args else signal.SIGINT
+        print(f"tokenpacker-convert: error: stopped by {signum.name}; no partial output is left", file=sys.stderr)
+        return 128 + signum
+    finally:
+        if handles_signals:
+            signal.signal(signal.SIGTERM, previous_handler)
     if result.report is not None:
         print(result.report)
     print(f"Converted {args.checkpoint} -> {result.output}")

@@ -70,8 +70,9 @@ def model_card(
         "",
         f"Converted from the original checkpoint `{source_name}` (LLaVA folder layout, vision tower from the stock "
         "CLIP "
-        "checkpoint). The weights are unchanged; the embeddings and the head gained zero rows for the `<image>` and "
-        "`<pad>` tokens, which generation never emits (`suppress_tokens`).",
+        "checkpoint). The weights are unchanged; the embeddings and the head gained rows for the `<image>` and "
+        "`<pad>` tokens (the mean of the original rows plus small seeded noise, so that the two differ), which "
+        "generation never emits (`suppress_tokens`).",
         "",
         "## Use",
         "",

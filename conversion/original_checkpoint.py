@@ -5,11 +5,28 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx2
 import sentencepiece as spm
+from huggingface_hub import constants, hf_hub_download
+from huggingface_hub.errors import (
+    HfHubHTTPError,
+    HFValidationError,
+    RemoteEntryNotFoundError,
+    StrictDataclassError,
+)
+from huggingface_hub.utils import validate_repo_id
 from transformers import CLIPVisionConfig
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from ..configuration import TokenPackerConfig
-from .checkpoint_files import CheckpointFiles, TensorInfo
+from .checkpoint_files import (
+    SAFETENSORS_INDEX,
+    SAFETENSORS_SINGLE,
+    TORCH_INDEX,
+    TORCH_SINGLE,
+    CheckpointFiles,
+    TensorInfo,
+)
 
 DEFAULT_VISION_TOWER = "openai/clip-vit-large-patch14-336"
 # Fixed in the original code, not in its config: the levels concatenated into keys and values
@@ -60,6 +77,13 @@ def read_json(path: Path, what: str) -> dict:
     return content
 
 
+def load_sentencepiece(model_file: Path) -> spm.SentencePieceProcessor:
+    try:
+        return spm.SentencePieceProcessor(model_file=str(model_file))
+    except (RuntimeError, OSError) as error:
+        raise ValueError(f"Cannot read the sentencepiece model {model_file} (empty or corrupt?): {error}") from error
+
+
 @dataclass(frozen=True)
 class SeparatorIds:
     """The HD layout's ids, looked up like the original: the slow tokenizer's convert_tokens_to_ids, i.e.
@@ -70,7 +94,7 @@ class SeparatorIds:
 
     @classmethod
     def from_sentencepiece(cls, model_file: Path) -> "SeparatorIds":
-        processor = spm.SentencePieceProcessor(model_file=str(model_file))
+        processor = load_sentencepiece(model_file)
         return cls(slice_separator=processor.piece_to_id(","), row_separator=processor.piece_to_id("\n"))
 
 
@@ -132,23 +156,56 @@ class LlavaCheckpoint:
         return {field: self.config[field] for field in LLAMA_FIELDS if field in self.config}
 
 
-def vision_tower_folder(vision_tower: str | Path) -> Path:
-    """A local CLIP folder as is; otherwise a Hub repo id, downloaded (config and one weight format only)."""
-    if Path(vision_tower).is_dir():
-        return Path(vision_tower)
-    if Path(vision_tower).is_absolute() or str(vision_tower).startswith("."):
-        raise FileNotFoundError(f"The vision tower folder {vision_tower} does not exist")
-    from huggingface_hub import snapshot_download
+def is_hub_repo_id(name: str) -> bool:
+    """Whether `name` reads as a Hub repo id `namespace/name` rather than a local path: a valid id whose namespace
+    is not an existing local folder."""
+    parts = name.split("/")
+    if len(parts) != 2 or not all(parts) or Path(parts[0]).exists():
+        return False
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
 
-    config = ["config.json"]
-    folder = Path(
-        snapshot_download(str(vision_tower), allow_patterns=config + ["*.safetensors", "*.safetensors.index.json"])
-    )
-    if not any(folder.glob("*.safetensors")):
-        folder = Path(
-            snapshot_download(str(vision_tower), allow_patterns=config + ["pytorch_model*.bin", "*.bin.index.json"])
-        )
-    return folder
+
+def vision_tower_folder(vision_tower: str | Path) -> Path:
+    """A local CLIP folder as is; otherwise a Hub repo id `namespace/name`, downloaded (config and one weight format
+    only, with huggingface_hub's connection and download timeouts)."""
+    path = Path(vision_tower)
+    if path.is_dir():
+        return path
+    if path.exists() or not is_hub_repo_id(str(vision_tower)):
+        found = "it is a file" if path.exists() else "and it is no Hub repo id of the form namespace/name"
+        raise FileNotFoundError(f"The vision tower folder {vision_tower} does not exist ({found})")
+    try:
+        return download_vision_tower(str(vision_tower))
+    except (HfHubHTTPError, OSError, httpx2.HTTPError) as error:  # the offline fallback's errors are OSErrors too
+        raise ValueError(
+            f"Cannot download the vision tower {vision_tower} from the Hub ({type(error).__name__}: {error}); if it "
+            f"is meant as a local folder, {vision_tower} does not exist"
+        ) from error
+
+
+def download_vision_tower(repo_id: str) -> Path:
+    """config.json and one weight format (safetensors first), file by file: each file's metadata request has the
+    explicit `HF_HUB_ETAG_TIMEOUT` and its data request `HF_HUB_DOWNLOAD_TIMEOUT`; a listing of the repo has none."""
+
+    def download(filename: str) -> Path:
+        return Path(hf_hub_download(repo_id, filename, etag_timeout=constants.HF_HUB_ETAG_TIMEOUT))
+
+    folder = download("config.json").parent
+    for index_name, single_name in ((SAFETENSORS_INDEX, SAFETENSORS_SINGLE), (TORCH_INDEX, TORCH_SINGLE)):
+        for name in (index_name, single_name):
+            try:
+                file = download(name)
+            except RemoteEntryNotFoundError:
+                continue
+            if name == index_name:
+                for shard in CheckpointFiles.read_index(file, folder).values():
+                    download(shard)
+            return folder
+    raise FileNotFoundError(f"The Hub repo {repo_id} holds no {SAFETENSORS_SINGLE} or {TORCH_SINGLE} (or their index)")
 
 
 def read_vision_config(folder: Path) -> CLIPVisionConfig:
@@ -226,21 +283,30 @@ def tokenpacker_config(
         )
     width = projector_widths(tensors, vision_config.hidden_size, llava["hidden_size"], checkpoint.folder)
     text_config = dict(checkpoint.llama_config, model_type="llama", vocab_size=vocab_size, pad_token_id=pad_token_id)
-    return TokenPackerConfig(
-        vision_config=vision_config.to_dict(),
-        text_config=text_config,
-        image_token_id=image_token_id,
-        scale_factor=llava["scale_factor"],
-        vision_feature_layer=llava["mm_vision_select_layer"],
-        multi_level_feature_layers=list(ORIGINAL_MULTI_LEVEL_LAYERS),
-        projector_hidden_size=width,
-        projector_num_heads=ORIGINAL_PROJECTOR_HEADS,
-        image_aspect_ratio=llava["image_aspect_ratio"],
-        max_slices=llava.get("patch_num", ORIGINAL_DEFAULT_PATCH_NUM),
-        slice_separator_token_id=separators.slice_separator,
-        row_separator_token_id=separators.row_separator,
-        tie_word_embeddings=bool(llava.get("tie_word_embeddings", False)),
-    )
+    rope = llava.get("rope_scaling") or llava.get("rope_parameters") or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else rope
+    if rope_type != "default" and rope_type not in ROPE_INIT_FUNCTIONS:
+        raise ValueError(
+            f"{where}: rope_scaling type {rope_type!r} is not one transformers knows ({sorted(ROPE_INIT_FUNCTIONS)})"
+        )
+    try:
+        return TokenPackerConfig(
+            vision_config=vision_config.to_dict(),
+            text_config=text_config,
+            image_token_id=image_token_id,
+            scale_factor=llava["scale_factor"],
+            vision_feature_layer=llava["mm_vision_select_layer"],
+            multi_level_feature_layers=list(ORIGINAL_MULTI_LEVEL_LAYERS),
+            projector_hidden_size=width,
+            projector_num_heads=ORIGINAL_PROJECTOR_HEADS,
+            image_aspect_ratio=llava["image_aspect_ratio"],
+            max_slices=llava.get("patch_num", ORIGINAL_DEFAULT_PATCH_NUM),
+            slice_separator_token_id=separators.slice_separator,
+            row_separator_token_id=separators.row_separator,
+            tie_word_embeddings=bool(llava.get("tie_word_embeddings", False)),
+        )
+    except (KeyError, TypeError, StrictDataclassError) as error:
+        raise ValueError(f"{where} does not give a valid model config: {type(error).__name__}: {error}") from error
 
 
 __all__ = [

@@ -35,6 +35,7 @@ from safetensors import SafetensorError, safe_open
 
 from ..configuration import TokenPackerConfig
 from ..modeling import TokenPackerForConditionalGeneration
+from .sizes import check_model_sizes
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 PIPELINE_TAG = "image-text-to-text"
@@ -286,6 +287,7 @@ def read_weight_shapes(folder: Path) -> dict[str, list[int]]:
 def check_weights_match_model(folder: Path, config: TokenPackerConfig) -> None:
     """Compares the checkpoint's tensor names and shapes with the model the config builds (on the meta device)."""
     shapes = read_weight_shapes(folder)
+    check_model_sizes(folder / "config.json", config, shapes)
     with torch.device("meta"):
         model = TokenPackerForConditionalGeneration(config)
     aliases: dict[int, list[str]] = defaultdict(list)  # tied parameters share one tensor under several names

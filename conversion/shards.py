@@ -5,7 +5,7 @@ import re
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .checkpoint_files import SAFETENSORS_INDEX
@@ -47,7 +47,11 @@ class ShardWriter:
 
     def flush(self):
         path = self.folder / f"model-part-{len(self.shards) + 1:05d}.safetensors"
-        save_file(self.pending, path, metadata={"format": "pt"})
+        try:
+            save_file(self.pending, path, metadata={"format": "pt"})
+        except (OSError, SafetensorError) as error:  # e.g. a full disk
+            detail = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+            raise OSError(getattr(error, "errno", None), f"Cannot write {path}: {detail}") from error
         self.shards.append((path, list(self.pending)))
         self.pending, self.pending_size = {}, 0
 

@@ -116,6 +116,7 @@ class VerificationReport:
     groups: dict[str, GroupCheck] = field(default_factory=dict)
     new_rows: tuple[str, ...] = ()
     dropped: dict[str, int] = field(default_factory=dict)
+    non_finite: tuple[str, ...] = ()  # allowed tensors that are not finite after conversion
     projector_difference: float = math.nan
     projector_scale: float = math.nan
 
@@ -137,11 +138,19 @@ class VerificationReport:
         for reason, count in self.dropped.items():
             lines.append(f"  dropped {count:>5} source tensors: {reason}")
         if self.new_rows:
-            lines.append(f"  new vocabulary rows ({', '.join(self.new_rows)}): zero in the embeddings and the head")
-        lines.append(
-            f"  projector vs the original formula (nn.MultiheadAttention on the source weights): "
-            f"max |difference| = {self.projector_difference:.3g} (outputs up to {self.projector_scale:.3g})"
-        )
+            lines.append(
+                f"  new vocabulary rows ({', '.join(self.new_rows)}): the mean of the original rows plus seeded noise "
+                "in the embeddings and the head"
+            )
+        if self.non_finite:
+            lines.append(f"  not finite, converted as allowed: {', '.join(self.non_finite)}")
+        if math.isnan(self.projector_difference):
+            lines.append("  projector vs the original formula: skipped (its weights are not finite)")
+        else:
+            lines.append(
+                f"  projector vs the original formula (nn.MultiheadAttention on the source weights): "
+                f"max |difference| = {self.projector_difference:.3g} (outputs up to {self.projector_scale:.3g})"
+            )
         return "\n".join(lines)
 
 

@@ -8,10 +8,14 @@ match exactly one rule: a rename, a split into equal parts along the first dimen
 import re
 from dataclasses import dataclass
 
+import torch
+
 LLAVA = "checkpoint"
 CLIP = "vision tower"
 
 _PROJECTOR = "model.multi_modal_projector."
+NEW_ROW_SEED = 0
+NEW_ROW_NOISE = 0.1  # noise scale, relative to each dimension's standard deviation over the original rows
 
 
 @dataclass(frozen=True)
@@ -19,7 +23,8 @@ class Rule:
     """Original names matching `pattern` become `targets` (regex replacement templates).
 
     One target: a rename. Several: the tensor is split into that many equal parts along dim 0, in order. None: the
-    tensor is dropped, for the reason given in `note`. `grows_with_vocabulary`: rows are appended for new tokens.
+    tensor is dropped, for the reason given in `note`. `grows_with_vocabulary`: rows are appended for new tokens
+    (`appended_rows`).
     """
 
     pattern: str
@@ -100,6 +105,16 @@ def clip_rules(num_layers_used: int) -> tuple[Rule, ...]:
     )
 
 
+def appended_rows(weight: torch.Tensor, count: int) -> torch.Tensor:
+    """The rows appended to an embedding matrix or a head for `count` new tokens, in float32: the mean of the
+    original rows plus Gaussian noise of NEW_ROW_NOISE times each dimension's standard deviation, drawn from a
+    generator seeded with NEW_ROW_SEED. Near an average token, distinct from each other (so `<image>` and `<pad>`
+    embeddings tell image positions from padding) and from every original row, and the same on every run."""
+    std, mean = torch.std_mean(weight.float(), dim=0)
+    noise = torch.randn(count, *weight.shape[1:], generator=torch.Generator().manual_seed(NEW_ROW_SEED))
+    return mean + noise * std * NEW_ROW_NOISE
+
+
 @dataclass(frozen=True)
 class Mapped:
     """Where one source tensor goes: `targets` (several when split), or nowhere when `rule.dropped`."""
@@ -124,4 +139,4 @@ class WeightMap:
         return None
 
 
-__all__ = ["CLIP", "LLAVA", "Mapped", "Rule", "WeightMap", "clip_rules", "llava_rules"]
+__all__ = ["CLIP", "LLAVA", "Mapped", "Rule", "WeightMap", "appended_rows", "clip_rules", "llava_rules"]

@@ -128,6 +128,13 @@ def converted_input_ids(prompt, grids, mode, tokens_per_crop, comma, newline):
     return torch.tensor([ids])
 
 
+def new_vocabulary_rows(weight):
+    """The rows <image> and <pad> get: the mean of the original rows plus N(0, 1) noise (a generator seeded with 0)
+    times a tenth of each dimension's standard deviation."""
+    noise = torch.randn(2, weight.shape[1], generator=torch.Generator().manual_seed(0))
+    return weight.float().mean(0) + noise * weight.float().std(0) * 0.1
+
+
 def compare_with_reference(release, result, prompt, grids, mode, tokens_per_crop, crops):
     model = AutoModelForImageTextToText.from_pretrained(result.output).eval()
     assert isinstance(model, TokenPackerForConditionalGeneration)
@@ -135,11 +142,14 @@ def compare_with_reference(release, result, prompt, grids, mode, tokens_per_crop
     pixel_values = torch.randn(crops, 3, 336, 336, generator=torch.Generator().manual_seed(1))
     input_ids = converted_input_ids(prompt, grids, mode, tokens_per_crop, *separator_ids(release))
     with torch.no_grad():
-        logits = model(input_ids=input_ids, pixel_values=pixel_values).logits
+        outputs = model(input_ids=input_ids, pixel_values=pixel_values, output_hidden_states=True)
+    logits = outputs.logits
     expected = reference_logits(release, prompt, pixel_values, grids, mode, tokens_per_crop)
     assert logits.shape == (1, input_ids.shape[1], VOCAB + 2)
     torch.testing.assert_close(logits[..., :VOCAB], expected, atol=1e-4, rtol=0)
-    assert torch.equal(logits[..., VOCAB:], torch.zeros_like(logits[..., VOCAB:]))  # the new rows add nothing
+    # The new head rows (the rule of new_vocabulary_rows) score the final hidden states like any other row.
+    new_head_rows = new_vocabulary_rows(release.language_model["lm_head.weight"])
+    torch.testing.assert_close(logits[..., VOCAB:], outputs.hidden_states[-1] @ new_head_rows.T, atol=1e-5, rtol=0)
 
 
 def test_pad_checkpoint_gives_the_original_pipelines_logits(pad_release):
@@ -252,7 +262,7 @@ def test_generation_suppresses_the_new_tokens(pad_release):
         output_scores=True,
         return_dict_in_generate=True,
     )
-    for scores in output.scores:  # their raw logits are 0, which could otherwise win
+    for scores in output.scores:  # their raw logits are those of an average token, which could win
         assert torch.isneginf(scores[:, VOCAB:]).all() and torch.isfinite(scores[:, :VOCAB]).all()
     assert (output.sequences[0, input_ids.shape[1] :] < VOCAB).all()
 
@@ -282,8 +292,10 @@ def test_weights_are_the_sources_renamed_split_and_grown(pad_release):
     assert torch.equal(tensors[prefix + "output_proj.linear_1.bias"], projector["mlp.0.bias"])
     embeddings = tensors["model.language_model.embed_tokens.weight"]
     assert torch.equal(embeddings[:VOCAB], release.language_model["model.embed_tokens.weight"])
-    assert torch.equal(embeddings[VOCAB:], torch.zeros(2, TEXT["hidden_size"]))
-    assert torch.equal(tensors["lm_head.weight"][VOCAB:], torch.zeros(2, TEXT["hidden_size"]))
+    expected_rows = new_vocabulary_rows(release.language_model["model.embed_tokens.weight"])
+    torch.testing.assert_close(embeddings[VOCAB:], expected_rows, atol=1e-6, rtol=0)
+    expected_rows = new_vocabulary_rows(release.language_model["lm_head.weight"])
+    torch.testing.assert_close(tensors["lm_head.weight"][VOCAB:], expected_rows, atol=1e-6, rtol=0)
     layers = {name.split(".")[4] for name in tensors if name.startswith("model.vision_tower.encoder.layers.")}
     assert layers == {str(i) for i in range(23)}  # the 24th layer feeds no hidden state the projector reads
     assert torch.equal(
