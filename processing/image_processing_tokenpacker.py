@@ -295,7 +295,7 @@ class TokenPackerImageProcessor(RemoteCodeMixin, PilBackend):
                 self.max_url_bytes if max_url_bytes is None else max_url_bytes,
             )
         elif isinstance(image, PIL.Image.Image):
-            image = to_8_bit(image)
+            image = _decoded_in_8_bits(image)
         if isinstance(image, torch.Tensor):
             image = image.detach().cpu()
             image = image.float() if image.is_floating_point() else image  # numpy has no bfloat16
@@ -531,6 +531,16 @@ def _decode_image(file, name: str, url_content_type: str | None = None) -> PIL.I
         ) from error
     except Exception as error:  # decoders of malformed files raise OSError, SyntaxError, struct.error, EOFError, ...
         raise ValueError(f"could not read an image from {name}: {type(error).__name__}: {error}") from error
+    return to_8_bit(image, bits)
+
+
+def _decoded_in_8_bits(image: PIL.Image.Image) -> PIL.Image.Image:
+    """A given PIL image decoded (PIL opens files lazily) and in 8 bits."""
+    bits = _stored_bits(image)
+    try:
+        image.load()
+    except Exception as error:  # as in _decode_image
+        raise ValueError(f"could not read the given PIL image: {type(error).__name__}: {error}") from error
     return to_8_bit(image, bits)
 
 

@@ -425,3 +425,11 @@ def test_truncated_deep_and_plain_pngs_are_value_errors(tmp_path):
         with pytest.raises(ValueError, match=f"could not read an image from '{tmp_path / name}'"):
             TokenPackerImageProcessor()(str(tmp_path / name))
 
+
+
+def test_a_lazily_opened_truncated_pil_image_is_a_value_error(tmp_path):
+    photo(200, 300).save(tmp_path / "plain.png")
+    data = (tmp_path / "plain.png").read_bytes()
+    image = PIL.Image.open(io.BytesIO(data[: len(data) // 2]))  # PIL reads the header now, the pixels later
+    with pytest.raises(ValueError, match="could not read the given PIL image: OSError: image file is truncated"):
+        TokenPackerImageProcessor()(image)
