@@ -1,18 +1,26 @@
 """Image processor for TokenPacker: LLaVA-1.5 square crops ('pad') and TokenPacker-HD crop grids ('slice')."""
 
+import base64
+import binascii
+import io
+import math
 import os
+import re
+import time
 import warnings
 from numbers import Real
 
+import httpx2
 import numpy as np
 import PIL.Image
+import PIL.ImageOps
 import torch
 import torch.nn.functional as F
 from huggingface_hub.dataclasses import validate_typed_dict
 from huggingface_hub.errors import StrictDataclassError
 from transformers.image_processing_backends import PilBackend
 from transformers.image_processing_utils import BatchFeature
-from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PILImageResampling, SizeDict, load_image
+from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PILImageResampling, SizeDict
 from transformers.processing_utils import ImagesKwargs, Unpack
 
 from ..configuration.configuration_tokenpacker import RemoteCodeMixin
@@ -49,6 +57,16 @@ SLICE_GRIDS = {9: _GRIDS_UP_TO_9, 16: _GRIDS_UP_TO_16, 25: _GRIDS_UP_TO_25}
 
 IMAGE_ASPECT_RATIOS = ("pad", "slice")
 FIXED_BY_MODE = ("do_resize", "do_center_crop", "do_pad")
+
+# 'pad' builds the original's square canvas as is while it has at most PAD_SQUARE_MAX_PIXELS pixels or the image's
+# longer side is at most PAD_SQUARE_MAX_ASPECT times its shorter one (the square then holds at most that many times
+# the image's own pixels). Beyond both, a 20000x1 image would need a 20000x20000 square: the image is first reduced
+# by an integer factor (box filter) until its square fits PAD_SQUARE_MAX_PIXELS.
+PAD_SQUARE_MAX_PIXELS = 4096 * 4096
+PAD_SQUARE_MAX_ASPECT = 4
+
+URL_SCHEMES = ("http", "https")
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 
 
 def select_slice_grid(height: int, width: int, max_slices: int, block_size: tuple[int, int] = (336, 336)):
@@ -97,10 +115,17 @@ class TokenPackerImageProcessorKwargs(ImagesKwargs, total=False):
         `"pad"`: one square crop per image (LLaVA-1.5). `"slice"`: a grid of crops plus a thumbnail (TokenPacker-HD).
     max_slices (`int`, *optional*, defaults to 9):
         Largest number of grid crops per image in `"slice"` mode: 9, 16 or 25.
+    url_timeout (`float`, *optional*, defaults to 10):
+        Seconds allowed to connect to an image URL and to wait for each read of its body; the whole download is
+        also stopped once this many seconds have passed since the request started.
+    max_url_bytes (`int`, *optional*, defaults to 64 MiB):
+        Largest image body read from a URL, in bytes.
     """
 
     image_aspect_ratio: str | None
     max_slices: int | None
+    url_timeout: int | float | None
+    max_url_bytes: int | None
 
 
 class TokenPackerImageProcessor(RemoteCodeMixin, PilBackend):
@@ -119,8 +144,11 @@ class TokenPackerImageProcessor(RemoteCodeMixin, PilBackend):
     Returns a `BatchFeature` with `pixel_values` (all crops of all images, 3, crop height, crop width) float32 and
     `image_grids` (images, 2) int64: the (h_block, w_block) of each image, (1, 1) in `"pad"` mode.
 
-    Images may be PIL images, numpy arrays (height, width[, channels]) of uint8 or of floats in [0, 1], torch tensors
-    (channels, height, width), file paths or URLs, alone, in a list, or in a list of lists (one list per sample).
+    Images may be PIL images, numpy arrays (height, width[, channels]) of uint8, uint16 or of floats in [0, 1], torch
+    tensors (channels, height, width), file paths, http(s) URLs or `data:image/...;base64,` URIs, alone, in a list,
+    or in a list of lists (one list per sample). URLs are read with a timeout (`url_timeout`) and a size cap
+    (`max_url_bytes`). Images of more than 8 bits per sample are scaled to 8 bits the way a viewer shows them
+    (see `to_8_bit`).
     """
 
     valid_kwargs = TokenPackerImageProcessorKwargs
@@ -141,6 +169,8 @@ class TokenPackerImageProcessor(RemoteCodeMixin, PilBackend):
     image_mean = OPENAI_CLIP_MEAN
     image_std = OPENAI_CLIP_STD
     do_convert_rgb = True
+    url_timeout = 10.0
+    max_url_bytes = 64 * 1024 * 1024
 
     def __init__(self, **kwargs: Unpack[TokenPackerImageProcessorKwargs]):
         super().__init__(**kwargs)
@@ -173,6 +203,8 @@ class TokenPackerImageProcessor(RemoteCodeMixin, PilBackend):
         image_mean=None,
         image_std=None,
         do_convert_rgb=None,
+        url_timeout=None,
+        max_url_bytes=None,
         return_tensors=None,
         **kwargs,
     ):
@@ -217,6 +249,10 @@ class TokenPackerImageProcessor(RemoteCodeMixin, PilBackend):
             )
         if not all(s > 0 for s in image_std):
             raise ValueError(f"image_std must be positive, got {image_std!r}")
+        if isinstance(url_timeout, bool) or not isinstance(url_timeout, Real) or not 0 < url_timeout < math.inf:
+            raise ValueError(f"url_timeout must be a positive number of seconds, got {url_timeout!r}")
+        if isinstance(max_url_bytes, bool) or not isinstance(max_url_bytes, int) or max_url_bytes < 1:
+            raise ValueError(f"max_url_bytes must be a positive integer, got {max_url_bytes!r}")
         if return_tensors not in (None, "pt", "np"):
             raise ValueError(f"return_tensors must be 'pt', 'np' or None (torch tensors), got {return_tensors!r}")
         for name in FIXED_BY_MODE:
@@ -242,10 +278,24 @@ class TokenPackerImageProcessor(RemoteCodeMixin, PilBackend):
             raise ValueError("expected at least one image, got an empty list")
         return flat
 
-    def process_image(self, image, do_convert_rgb: bool = True, input_data_format=None, **kwargs) -> PIL.Image.Image:
-        """One input image as an RGB PIL image, converted like PIL's `convert('RGB')`."""
+    def process_image(
+        self,
+        image,
+        do_convert_rgb: bool = True,
+        input_data_format=None,
+        url_timeout: float | None = None,
+        max_url_bytes: int | None = None,
+        **kwargs,
+    ) -> PIL.Image.Image:
+        """One input image as an RGB PIL image: 8-bit images converted like PIL's `convert('RGB')`."""
         if isinstance(image, (str, os.PathLike)):
-            image = _load_image_file(os.fspath(image))
+            image = load_image_source(
+                os.fspath(image),
+                self.url_timeout if url_timeout is None else url_timeout,
+                self.max_url_bytes if max_url_bytes is None else max_url_bytes,
+            )
+        elif isinstance(image, PIL.Image.Image):
+            image = _decoded_in_8_bits(image)
         if isinstance(image, torch.Tensor):
             image = image.detach().cpu()
             image = image.float() if image.is_floating_point() else image  # numpy has no bfloat16
@@ -297,7 +347,7 @@ class TokenPackerImageProcessor(RemoteCodeMixin, PilBackend):
     def _write_pad_crop(self, out: torch.Tensor, image, background, size, crop_size, resample, lookup):
         """LLaVA-1.5: centre the image on a square of the background colour, then CLIP's resize and centre crop."""
         side = size.shortest_edge  # the square's shortest side is every side
-        square = expand_to_square(image, background).resize((side, side), resample=resample)
+        square = expand_to_square(reduce_for_square(image), background).resize((side, side), resample=resample)
         crop = self.center_crop(np.asarray(square).transpose(2, 0, 1), crop_size)  # (3, crop height, crop width)
         _apply_lookup(lookup, crop, out.numpy())
 
@@ -326,6 +376,18 @@ def expand_to_square(image: PIL.Image.Image, background: tuple[int, int, int]) -
     square = PIL.Image.new(image.mode, (side, side), background)
     square.paste(image, ((side - width) // 2, (side - height) // 2))
     return square
+
+
+def reduce_for_square(image: PIL.Image.Image) -> PIL.Image.Image:
+    """`image` as is when its 'pad' square is within bounds, else box-reduced so that the square fits.
+
+    See PAD_SQUARE_MAX_PIXELS: only images whose longer side is beyond both bounds change. Their crops then differ
+    slightly from the original's, which would resize the full square with one bicubic filter.
+    """
+    longer, shorter = max(image.size), min(image.size)
+    if longer * longer <= PAD_SQUARE_MAX_PIXELS or longer <= PAD_SQUARE_MAX_ASPECT * shorter:
+        return image
+    return image.reduce(math.ceil(longer / math.isqrt(PAD_SQUARE_MAX_PIXELS)))
 
 
 def _resize_onto_zeros(pixels: torch.Tensor, image_size, target_size) -> torch.Tensor:
@@ -385,16 +447,141 @@ def _check_image_size(width: int, height: int):
         )
 
 
-def _load_image_file(source: str) -> PIL.Image.Image:
-    """A path or URL opened with transformers' `load_image`; refuses images beyond PIL's pixel limit before decoding."""
+def load_image_source(source: str, url_timeout: float, max_url_bytes: int) -> PIL.Image.Image:
+    """The image at a file path, an http(s) URL or a `data:image/...;base64,` URI, upright (EXIF) and in 8 bits.
+
+    Any other string is a file path: base64 is decoded only from data URIs.
+    """
+    if source.startswith("data:") and not os.path.exists(source):
+        return _decode_image(io.BytesIO(_data_uri_bytes(source)), f"the data URI {_shorten(source, 60)!r}")
+    scheme = re.match(r"([A-Za-z][A-Za-z0-9+.-]*)://", source)
+    if scheme is not None:
+        if scheme.group(1).lower() not in URL_SCHEMES:
+            raise ValueError(f"image URLs must be http or https, got {_shorten(source)!r}")
+        body, content_type = fetch_url_bytes(source, url_timeout, max_url_bytes)
+        return _decode_image(io.BytesIO(body), source, url_content_type=content_type)
+    if os.path.isdir(source):
+        raise ValueError(f"{_shorten(source)!r} is a directory, not an image file")
+    if not os.path.exists(source):
+        raise ValueError(
+            f"image file {_shorten(source)!r} does not exist (images given as strings are file paths, http(s) URLs "
+            "or data:image/...;base64, URIs)"
+        )
+    return _decode_image(source, repr(_shorten(source)))
+
+
+def fetch_url_bytes(url: str, timeout: float, max_bytes: int) -> tuple[bytes, str]:
+    """The body and content type of an http(s) URL, read within `timeout` seconds and at most `max_bytes` bytes."""
+    shown = _shorten(url)
+    deadline = time.monotonic() + timeout
+    try:
+        with httpx2.stream("GET", url, timeout=timeout, follow_redirects=True) as response:
+            if not response.is_success:
+                raise ValueError(f"HTTP {response.status_code} {response.reason_phrase} for image URL {shown}")
+            length = response.headers.get("content-length", "")
+            if length.isdigit() and int(length) > max_bytes:
+                raise ValueError(
+                    f"image URL {shown} is too large: {int(length)} bytes, more than max_url_bytes = {max_bytes}"
+                )
+            body = bytearray()
+            for chunk in response.iter_bytes():
+                body += chunk
+                if len(body) > max_bytes:
+                    raise ValueError(f"image URL {shown} is too large: more than max_url_bytes = {max_bytes} bytes")
+                if time.monotonic() > deadline:
+                    raise ValueError(f"image URL {shown} took longer than url_timeout = {timeout} s to download")
+            return bytes(body), response.headers.get("content-type", "no content type")
+    except httpx2.TimeoutException as error:
+        raise ValueError(
+            f"image URL {shown} did not answer within url_timeout = {timeout} s ({type(error).__name__})"
+        ) from error
+    except httpx2.ConnectError as error:
+        raise ValueError(f"could not connect to image URL {shown}: {error}") from error
+    except (httpx2.HTTPError, httpx2.InvalidURL) as error:
+        raise ValueError(f"could not fetch image URL {shown}: {type(error).__name__}: {error}") from error
+
+
+def _data_uri_bytes(uri: str) -> bytes:
+    """The decoded bytes of a `data:image/...;base64,` URI."""
+    header, comma, payload = uri.partition(",")
+    if not comma or not header.startswith("data:image/") or not header.endswith(";base64"):
+        raise ValueError(f"data URIs must start with 'data:image/<format>;base64,', got {_shorten(uri, 60)!r}")
+    try:
+        return base64.b64decode(payload, validate=True)
+    except binascii.Error as error:
+        raise ValueError(f"the data URI {_shorten(uri, 60)!r} holds invalid base64: {error}") from error
+
+
+def _decode_image(file, name: str, url_content_type: str | None = None) -> PIL.Image.Image:
+    """Decodes a file or stream into an upright 8-bit image; `name` says where it came from in errors."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", PIL.Image.DecompressionBombWarning)
-            return load_image(source)
+            with PIL.Image.open(file) as opened:
+                bits = _stored_bits(opened)
+                opened.load()
+                image = PIL.ImageOps.exif_transpose(opened)
     except (PIL.Image.DecompressionBombError, PIL.Image.DecompressionBombWarning) as error:
-        raise ValueError(f"image {source!r} is beyond PIL's decompression-bomb limit: {error}") from error
-    except (OSError, ValueError) as error:
-        raise ValueError(f"could not read an image from {_shorten(source)!r}: {error}") from error
+        raise ValueError(f"image {name} is beyond PIL's decompression-bomb limit: {error}") from error
+    except PIL.UnidentifiedImageError as error:
+        if url_content_type is None:
+            raise ValueError(f"could not read an image from {name}: {error}") from error
+        raise ValueError(
+            f"the content at {name} is not an image (content type {url_content_type}; PIL cannot identify it)"
+        ) from error
+    except Exception as error:  # decoders of malformed files raise OSError, SyntaxError, struct.error, EOFError, ...
+        raise ValueError(f"could not read an image from {name}: {type(error).__name__}: {error}") from error
+    return to_8_bit(image, bits)
+
+
+def _decoded_in_8_bits(image: PIL.Image.Image) -> PIL.Image.Image:
+    """A given PIL image decoded (PIL opens files lazily) and in 8 bits."""
+    bits = _stored_bits(image)
+    try:
+        image.load()
+    except Exception as error:  # as in _decode_image
+        raise ValueError(f"could not read the given PIL image: {type(error).__name__}: {error}") from error
+    return to_8_bit(image, bits)
+
+
+def _stored_bits(image: PIL.Image.Image) -> int | None:
+    """16 when a not yet decoded image is stored with 16-bit samples (some Pillows open 16-bit PNGs as mode I)."""
+    for tile in getattr(image, "tile", None) or ():
+        args = tile[3]
+        rawmode = args[0] if isinstance(args, tuple) and args else args
+        if isinstance(rawmode, str) and rawmode.startswith("I;16"):
+            return 16
+    return None
+
+
+def to_8_bit(image: PIL.Image.Image, bits: int | None = None) -> PIL.Image.Image:
+    """`image` with 8 bits per sample, scaled as a viewer shows it (PIL's `convert` would clip everything at 255).
+
+    16-bit images (mode I;16, or `bits` = 16 as a file stores them) are scaled by 255 / 65535. Other 32-bit integer
+    (I) and float (F) images are read by their range: floats within [0, 1] are scaled by 255, values within [0, 255]
+    are kept and converted by PIL, values within [0, 65535] are 16-bit, and any other range is stretched from its
+    minimum (black) to its maximum (white); a constant image out of these ranges is black. Other modes are returned
+    as they are.
+    """
+    if image.mode not in SIXTEEN_BIT_MODES + ("I", "F"):
+        return image
+    bits = _stored_bits(image) if bits is None else bits
+    values = np.asarray(image).astype(np.float64)
+    if image.mode in SIXTEEN_BIT_MODES or bits == 16:
+        scaled = values.clip(0, 65535) / 257
+    else:
+        if not np.isfinite(values).all():
+            raise ValueError("float images must hold finite values, got NaN or infinity")
+        low, high = float(values.min()), float(values.max())
+        if image.mode == "F" and 0 <= low and high <= 1:
+            scaled = values * 255
+        elif 0 <= low and high <= 255:
+            return image
+        elif 0 <= low and high <= 65535:
+            scaled = values / 257
+        else:
+            scaled = (values - low) * (255 / (high - low) if high > low else 0)
+    return PIL.Image.fromarray(np.rint(scaled).astype(np.uint8), "L")
 
 
 def _array_to_pil(array: np.ndarray, layout: str) -> PIL.Image.Image:
@@ -423,13 +610,17 @@ def _array_to_pil(array: np.ndarray, layout: str) -> PIL.Image.Image:
 
 
 def _to_uint8(array: np.ndarray) -> np.ndarray:
-    """uint8 as is, integers in [0, 255] cast, floats in [0, 1] scaled by 255 and rounded."""
+    """uint8 as is, uint16 scaled by 255 / 65535, other integers in [0, 255] cast, floats in [0, 1] scaled by 255."""
     if array.dtype == np.uint8:
         return array
+    if array.dtype.kind == "u" and array.dtype.itemsize == 2:
+        return np.rint(array / 257).astype(np.uint8)
     if np.issubdtype(array.dtype, np.integer):
         low, high = int(array.min()), int(array.max())
         if low < 0 or high > 255:
-            raise ValueError(f"integer image arrays must hold values in [0, 255], got [{low}, {high}]")
+            raise ValueError(
+                f"integer image arrays must hold values in [0, 255], got [{low}, {high}] (16-bit images: pass uint16)"
+            )
         return array.astype(np.uint8)
     if np.issubdtype(array.dtype, np.floating):
         low, high = float(array.min()), float(array.max())
