@@ -253,12 +253,23 @@ def test_decoding_gives_the_answer(pad_processor):
     prompt_ids = pad_processor(images=image(40, 40), text=prompt)["input_ids"][0].tolist()
     answer_ids = pad_processor.tokenizer(" red and blue", add_special_tokens=False)["input_ids"]
     sequences = torch.tensor([prompt_ids + answer_ids + [2], [CHAT_PAD_TOKEN_ID] + prompt_ids + answer_ids])
-    assert pad_processor.batch_decode(sequences) == ["red and blue", "red and blue"]
-    assert pad_processor.decode(sequences[0]) == "red and blue"
     assert pad_processor.post_process_image_text_to_text(sequences) == ["red and blue", "red and blue"]
     assert pad_processor.post_process_image_text_to_text(sequences[1]) == "red and blue"
     plain = pad_processor.tokenizer("red and blue")["input_ids"]
-    assert pad_processor.decode(plain) == "red and blue"  # no prompt: the whole text
+    assert pad_processor.post_process_image_text_to_text(plain) == "red and blue"  # no prompt: the whole text
+
+
+def test_decode_and_batch_decode_give_the_whole_text_like_the_tokenizer(pad_processor):
+    prompt = f"{SYSTEM} USER: <image>\nWhat colour is it? ASSISTANT:"
+    prompt_ids = pad_processor(images=image(40, 40), text=prompt)["input_ids"][0].tolist()
+    answer_ids = pad_processor.tokenizer(" red and blue", add_special_tokens=False)["input_ids"]
+    sequences = torch.tensor([prompt_ids + answer_ids + [2], [CHAT_PAD_TOKEN_ID] + prompt_ids + answer_ids])
+    texts = pad_processor.batch_decode(sequences, skip_special_tokens=True)
+    assert texts == pad_processor.tokenizer.batch_decode(sequences, skip_special_tokens=True)
+    for text in texts:  # the prompt stays: the answer is post_process_image_text_to_text's job
+        assert text.startswith(f"{SYSTEM} USER:") and text.endswith("ASSISTANT:  red and blue")
+    assert pad_processor.decode(sequences[0], skip_special_tokens=True) == texts[0]
+    assert pad_processor.decode(sequences[0]).startswith("<s>")  # special tokens kept unless asked, as in transformers
 
 
 def test_save_and_load_round_trip(pad_processor, slice_processor, tmp_path):
