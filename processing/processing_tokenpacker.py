@@ -165,7 +165,7 @@ class TokenPackerProcessor(RemoteCodeMixin, ProcessorMixin):
 
         merged = self._merge_kwargs(TokenPackerProcessorKwargs, **kwargs)
         text_kwargs = merged["text_kwargs"]
-        if text_kwargs.get("truncation") in (None, False):
+        if text_kwargs.get("truncation") in (None, False):  # nothing to truncate: as if not given
             text_kwargs.pop("truncation", None)
         unsupported = sorted(
             key
