@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import ClassVar
 
 from transformers import AutoConfig, PreTrainedConfig
-from transformers.configuration_utils import SubConfigSpec
 
 # `from ..package.module import` or `from .module import` at the start of a line
 _RELATIVE_IMPORT = re.compile(r"^from (\.+)([\w.]*) import ", re.MULTILINE)
@@ -79,6 +78,18 @@ class RemoteCodeMixin:
         return saved
 
 
+def _sub_config(name: str, value, model_type: str, settings: dict) -> PreTrainedConfig:
+    """A sub-config as given, from its dict (of `model_type` unless it names one), or of `model_type` with `settings`."""
+    if isinstance(value, PreTrainedConfig):
+        return value
+    if value is None:
+        return AutoConfig.for_model(model_type, **settings)
+    if isinstance(value, dict):
+        value = dict(value)
+        return AutoConfig.for_model(value.pop("model_type", model_type), **value)
+    raise TypeError(f"{name} must be a dict, a PreTrainedConfig or None, got {type(value).__name__}")
+
+
 class TokenPackerConfig(RemoteCodeMixin, PreTrainedConfig):
     r"""
     Configuration of a TokenPacker multimodal model: a CLIP-like vision tower, the TokenPacker projector and a causal
@@ -128,11 +139,12 @@ class TokenPackerConfig(RemoteCodeMixin, PreTrainedConfig):
 
     model_type = "tokenpacker"
     remote_code_auto_map = {"config.json": {"AutoConfig": "configuration_tokenpacker.TokenPackerConfig"}}
-    sub_configs_defaults = {
-        "vision_config": SubConfigSpec(
-            config_class=AutoConfig,
-            model_type="clip_vision_model",
-            init_kwargs={
+    sub_configs = {"vision_config": AutoConfig, "text_config": AutoConfig}
+    # Each sub-config's model type when a dict names none, and its settings when it is not given.
+    default_sub_configs = {
+        "vision_config": (
+            "clip_vision_model",
+            {
                 "hidden_size": 1024,
                 "intermediate_size": 4096,
                 "num_hidden_layers": 24,
@@ -142,11 +154,7 @@ class TokenPackerConfig(RemoteCodeMixin, PreTrainedConfig):
                 "projection_dim": 768,
             },
         ),
-        "text_config": SubConfigSpec(
-            config_class=AutoConfig,
-            model_type="llama",
-            init_kwargs={"max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "pad_token_id": 0},
-        ),
+        "text_config": ("llama", {"max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "pad_token_id": 0}),
     }
 
     vision_config: dict | PreTrainedConfig | None = None
@@ -174,6 +182,8 @@ class TokenPackerConfig(RemoteCodeMixin, PreTrainedConfig):
                 "which this package does not load directly: convert it first with "
                 "`tokenpacker-convert --checkpoint <folder> --output <new folder>`"
             )
+        for name, (model_type, settings) in self.default_sub_configs.items():
+            setattr(self, name, _sub_config(name, getattr(self, name), model_type, settings))
         super().__post_init__(**kwargs)
         self.multi_level_feature_layers = list(self.multi_level_feature_layers)
         if not self.tie_word_embeddings and getattr(self.text_config, "tie_word_embeddings", False):

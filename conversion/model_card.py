@@ -91,7 +91,7 @@ def model_card(
         "prompt = processor.apply_chat_template(messages, add_generation_prompt=True)",
         'inputs = processor(images=Image.open("photo.jpg"), text=prompt).to(model.device)',
         "output = model.generate(**inputs, max_new_tokens=128, do_sample=False)",
-        "print(processor.batch_decode(output)[0])",
+        "print(processor.post_process_image_text_to_text(output)[0])",
         "```",
         "",
         "## Configuration",

@@ -23,10 +23,14 @@ from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling, CausalLMOutputWithPast
-from transformers.modeling_utils import slice_logits_to_keep
-from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import can_return_tuple
 
+from ..configuration.compat_tokenpacker import (
+    CACHE_NAME,
+    accepts_past_key_values,
+    selected_hidden_states,
+    slice_logits_to_keep,
+)
 from ..configuration.configuration_tokenpacker import RemoteCodeMixin, TokenPackerConfig
 
 
@@ -246,9 +250,12 @@ class TokenPackerModel(TokenPackerPreTrainedModel):
         self._check_pixel_values(pixel_values)
         query_layer, levels = self.config.feature_layer_indices
         pixel_values = pixel_values.to(self.vision_tower.dtype)
-        # Only the hidden states the projector reads are kept (the others come back as None).
-        kept = [query_layer, *levels]
-        hidden_states = self.vision_tower(pixel_values, output_hidden_states=kept, return_dict=True).hidden_states
+        # Only the hidden states the projector reads are kept (the others come back as None) where the library can
+        # select them.
+        output_hidden_states = selected_hidden_states([query_layer, *levels])
+        hidden_states = self.vision_tower(
+            pixel_values, output_hidden_states=output_hidden_states, return_dict=True
+        ).hidden_states
         patch_features = hidden_states[query_layer][:, 1:]  # CLS dropped
         multi_level_features = torch.cat([hidden_states[layer][:, 1:] for layer in levels], dim=-1)
         return BaseModelOutputWithPooling(
@@ -353,7 +360,7 @@ class TokenPackerModel(TokenPackerPreTrainedModel):
                 )
 
     @can_return_tuple
-    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    @accepts_past_key_values
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -394,14 +401,14 @@ class TokenPackerModel(TokenPackerPreTrainedModel):
         outputs = self.language_model(
             attention_mask=attention_mask,
             position_ids=position_ids,
-            cache=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
+            **{CACHE_NAME: cache},
             **kwargs,
         )
         return TokenPackerModelOutputWithPast(
             last_hidden_state=outputs.last_hidden_state,
-            cache=outputs.cache,
+            **{CACHE_NAME: getattr(outputs, CACHE_NAME)},
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             image_features=image_features,
@@ -499,7 +506,7 @@ class TokenPackerForConditionalGeneration(TokenPackerPreTrainedModel, Generation
         return model
 
     @can_return_tuple
-    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    @accepts_past_key_values
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -541,14 +548,15 @@ class TokenPackerForConditionalGeneration(TokenPackerPreTrainedModel, Generation
         return TokenPackerCausalLMOutputWithPast(
             loss=loss,
             logits=logits,
-            cache=outputs.cache,
+            **{CACHE_NAME: getattr(outputs, CACHE_NAME)},
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             image_features=outputs.image_features,
         )
 
     def _expand_inputs_for_generation(self, expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):
-        # pixel_values holds crops, not samples: repeat each sample's group of crops, not each crop.
+        # pixel_values holds crops, not samples: repeat each sample's group of crops, not each crop. (The library
+        # expands per-sample visual inputs only as precomputed `mm_encoder_outputs`, and not in every supported release.)
         pixel_values = model_kwargs.pop("pixel_values", None)
         if expand_size > 1 and pixel_values is not None:
             image_tokens = (input_ids == self.config.image_token_id).sum(-1)

@@ -6,9 +6,10 @@ from contextvars import ContextVar
 
 from transformers import BatchFeature, ProcessorMixin
 from transformers.image_utils import is_valid_image
+from transformers.processing_utils import MultiModalData, ProcessingKwargs
 
 from ..configuration.configuration_tokenpacker import RemoteCodeMixin
-from .image_processing_tokenpacker import TokenPackerImageProcessor
+from .image_processing_tokenpacker import TokenPackerImageProcessor, select_slice_grid
 
 IMAGE_TOKEN = "<image>"
 ANSWER_PREFIX = "ASSISTANT:"
@@ -53,6 +54,10 @@ _MESSAGE_TEXTS: ContextVar[list[str] | None] = ContextVar("message_texts", defau
 _SENTINEL = re.compile("\ue000(\\d+)\ue001")
 
 
+class TokenPackerProcessorKwargs(ProcessingKwargs, total=False):
+    _defaults = {"text_kwargs": {"padding": True, "padding_side": "left", "return_tensors": "pt"}}
+
+
 class TokenPackerProcessor(RemoteCodeMixin, ProcessorMixin):
     r"""
     Turns images and prompts into TokenPacker's inputs, exactly as the original LLaVA-1.5 code does.
@@ -64,8 +69,9 @@ class TokenPackerProcessor(RemoteCodeMixin, ProcessorMixin):
     a row and `row_separator_token_id` at its end, then, for grids of more than one block, the thumbnail's tokens and
     `row_separator_token_id`. The crops come in the same order from the image processor.
 
-    `batch_decode`, `decode` and `post_process_image_text_to_text` return answers: the text after the last
-    "ASSISTANT:" of the Vicuna v1 prompt (the whole text when there is none), special tokens skipped by default.
+    `batch_decode` and `decode` decode like the tokenizer; `post_process_image_text_to_text` returns answers: the text
+    after the last "ASSISTANT:" of the Vicuna v1 prompt (the whole text when there is none), special tokens skipped by
+    default.
 
     Args:
         image_processor (`TokenPackerImageProcessor`):
@@ -85,7 +91,7 @@ class TokenPackerProcessor(RemoteCodeMixin, ProcessorMixin):
             The image marker in prompts.
     """
 
-    text_kwargs = {"padding": True, "padding_side": "left", "return_tensors": "pt"}
+    valid_processor_kwargs = TokenPackerProcessorKwargs
     remote_code_auto_map = {
         location: {
             "AutoProcessor": "processing_tokenpacker.TokenPackerProcessor",
@@ -171,8 +177,10 @@ class TokenPackerProcessor(RemoteCodeMixin, ProcessorMixin):
         image_counts = [prompt.count(self.image_token) for prompt in prompts]
         flat_images = self._flat_images(images, image_counts)
 
-        merged = self._merge_kwargs(**kwargs)
+        merged = self._merge_kwargs(TokenPackerProcessorKwargs, **kwargs)
         text_kwargs = merged["text_kwargs"]
+        if text_kwargs.get("truncation") in (None, False):  # nothing to truncate: as if not given
+            text_kwargs.pop("truncation", None)
         unsupported = sorted(
             key
             for key, value in text_kwargs.items()
@@ -360,15 +368,6 @@ class TokenPackerProcessor(RemoteCodeMixin, ProcessorMixin):
                     _check_content_item(item, f"item {item_index} of {where}", needs_image_sources)
         return conversations, is_batched
 
-    def batch_decode(self, sequences, skip_special_tokens: bool = True, **kwargs) -> list[str]:
-        """Decodes generated sequences to the answers: the text after the prompt's last "ASSISTANT:"."""
-        texts = self.tokenizer.batch_decode(sequences, skip_special_tokens=skip_special_tokens, **kwargs)
-        return [self._answer(text) for text in texts]
-
-    def decode(self, token_ids, skip_special_tokens: bool = True, **kwargs) -> str:
-        """Decodes one generated sequence to its answer: the text after the prompt's last "ASSISTANT:"."""
-        return self._answer(self.tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens, **kwargs))
-
     def post_process_image_text_to_text(self, generated_outputs, skip_special_tokens: bool = True, **kwargs):
         """The answers of `generate`'s output, (batch, length) -> list of strings; (length,) -> one string."""
         if getattr(generated_outputs, "ndim", None) == 1 or (
@@ -376,8 +375,28 @@ class TokenPackerProcessor(RemoteCodeMixin, ProcessorMixin):
             and generated_outputs
             and isinstance(generated_outputs[0], int)
         ):
-            return self.decode(generated_outputs, skip_special_tokens=skip_special_tokens, **kwargs)
-        return self.batch_decode(generated_outputs, skip_special_tokens=skip_special_tokens, **kwargs)
+            return self._answer(self.decode(generated_outputs, skip_special_tokens=skip_special_tokens, **kwargs))
+        texts = self.batch_decode(generated_outputs, skip_special_tokens=skip_special_tokens, **kwargs)
+        return [self._answer(text) for text in texts]
+
+    def _get_num_multimodal_tokens(self, image_sizes=None, **kwargs) -> MultiModalData:
+        """Per image of (height, width) in `image_sizes`: its crops (`num_image_patches`) and the length of the id
+        run its `<image>` becomes (`num_image_tokens`, the `"slice"` separators included)."""
+        if image_sizes is None:
+            return MultiModalData()
+        images_kwargs = self._merge_kwargs(TokenPackerProcessorKwargs, **kwargs)["images_kwargs"]
+        settings = {
+            name: images_kwargs.get(name) or getattr(self.image_processor, name)
+            for name in ("image_aspect_ratio", "max_slices", "crop_size")
+        }
+        mode, crop_size = settings["image_aspect_ratio"], settings["crop_size"]
+        block_size = (crop_size["height"], crop_size["width"])
+        num_image_tokens, num_image_patches = [], []
+        for height, width in image_sizes:
+            grid = (1, 1) if mode == "pad" else select_slice_grid(height, width, settings["max_slices"], block_size)
+            num_image_tokens.append(len(self.image_token_layout(*grid, mode)))
+            num_image_patches.append(self.image_processor.num_crops(*grid))
+        return MultiModalData(num_image_tokens=num_image_tokens, num_image_patches=num_image_patches)
 
     @staticmethod
     def _answer(text: str) -> str:

@@ -6,6 +6,11 @@ import torch
 from transformers import AutoModelForImageTextToText, CLIPVisionModel, LlamaForCausalLM
 
 from tokenpacker import TokenPackerForConditionalGeneration, TokenPackerModel
+from tokenpacker.configuration.compat_tokenpacker import (
+    HIDDEN_STATES_SELECTABLE,
+    enable_activation_checkpointing,
+    is_activation_checkpointing,
+)
 
 from .builders import IMAGE_TOKEN_ID, tiny_config
 from .reference import OriginalTokenPacker, load_original_projector
@@ -78,7 +83,10 @@ def test_the_tower_keeps_only_the_hidden_states_the_projector_reads():
     with torch.no_grad():
         model.model.get_image_features(torch.randn(2, 3, 336, 336))
     kept = [index for index, state in enumerate(outputs[0].hidden_states) if state is not None]
-    assert kept == [2, 3, 4, 5]  # the multi-level layers; the query layer (-2 of 7 states) is 5
+    if HIDDEN_STATES_SELECTABLE:
+        assert kept == [2, 3, 4, 5]  # the multi-level layers; the query layer (-2 of 7 states) is 5
+    else:  # the library keeps every state of the truncated tower (5 of 6 layers run)
+        assert kept == [0, 1, 2, 3, 4, 5]
 
 
 def test_several_crops_and_images_per_sample_and_samples_without_image():
@@ -232,8 +240,8 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 
     model.train()
     plain = gradients()
-    model.activation_checkpointing_enable()
-    assert model.model.language_model.gradient_checkpointing and model.model.vision_tower.is_activation_checkpointing
+    enable_activation_checkpointing(model)
+    assert model.model.language_model.gradient_checkpointing and is_activation_checkpointing(model.model.vision_tower)
     checkpointed = gradients()
     assert plain.keys() == checkpointed.keys()
     assert any(name.startswith("model.multi_modal_projector.") for name in plain)
@@ -285,3 +293,14 @@ def test_sdpa_and_eager_attention_agree(tmp_path):
             atol=1e-5,
             rtol=0,
         )
+
+
+def test_beam_search_with_several_sequences_gives_each_sample_its_own_crops():
+    model, _ = build()
+    samples = [prompt([1, 5], "<image>", "<image>", [6]), prompt([1, 7], [8] * TOKENS, "<image>", [6])]
+    pixel_values = torch.randn(3, 3, 336, 336)
+    kwargs = dict(max_new_tokens=5, do_sample=False, num_beams=3, num_return_sequences=2, eos_token_id=None, pad_token_id=0)
+    batched = model.generate(input_ids=torch.tensor(samples), pixel_values=pixel_values, **kwargs)
+    for index, crops in enumerate(pixel_values.split([2, 1])):
+        alone = model.generate(input_ids=torch.tensor([samples[index]]), pixel_values=crops, **kwargs)
+        assert torch.equal(batched[2 * index : 2 * index + 2], alone)

@@ -123,6 +123,6 @@ def test_an_assistant_prefill_is_continued(answerer, loaded):
     inputs = processor(images=image, text=f"{SYSTEM} USER: <image>\nWhat is it? ASSISTANT: It is a")
     with torch.no_grad():
         sequences = model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False)
-    continued = processor.batch_decode(sequences)[0]
+    continued = processor.post_process_image_text_to_text(sequences)[0]
     assert continued.startswith("It is a") and len(continued) > len("It is a")
     assert result["generated_text"][-1] == {"role": "assistant", "content": [{"type": "text", "text": continued}]}

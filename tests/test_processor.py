@@ -253,12 +253,23 @@ def test_decoding_gives_the_answer(pad_processor):
     prompt_ids = pad_processor(images=image(40, 40), text=prompt)["input_ids"][0].tolist()
     answer_ids = pad_processor.tokenizer(" red and blue", add_special_tokens=False)["input_ids"]
     sequences = torch.tensor([prompt_ids + answer_ids + [2], [CHAT_PAD_TOKEN_ID] + prompt_ids + answer_ids])
-    assert pad_processor.batch_decode(sequences) == ["red and blue", "red and blue"]
-    assert pad_processor.decode(sequences[0]) == "red and blue"
     assert pad_processor.post_process_image_text_to_text(sequences) == ["red and blue", "red and blue"]
     assert pad_processor.post_process_image_text_to_text(sequences[1]) == "red and blue"
     plain = pad_processor.tokenizer("red and blue")["input_ids"]
-    assert pad_processor.decode(plain) == "red and blue"  # no prompt: the whole text
+    assert pad_processor.post_process_image_text_to_text(plain) == "red and blue"  # no prompt: the whole text
+
+
+def test_decode_and_batch_decode_give_the_whole_text_like_the_tokenizer(pad_processor):
+    prompt = f"{SYSTEM} USER: <image>\nWhat colour is it? ASSISTANT:"
+    prompt_ids = pad_processor(images=image(40, 40), text=prompt)["input_ids"][0].tolist()
+    answer_ids = pad_processor.tokenizer(" red and blue", add_special_tokens=False)["input_ids"]
+    sequences = torch.tensor([prompt_ids + answer_ids + [2], [CHAT_PAD_TOKEN_ID] + prompt_ids + answer_ids])
+    texts = pad_processor.batch_decode(sequences, skip_special_tokens=True)
+    assert texts == pad_processor.tokenizer.batch_decode(sequences, skip_special_tokens=True)
+    for text in texts:  # the prompt stays: the answer is post_process_image_text_to_text's job
+        assert text.startswith(f"{SYSTEM} USER:") and text.endswith("ASSISTANT:  red and blue")
+    assert pad_processor.decode(sequences[0], skip_special_tokens=True) == texts[0]
+    assert pad_processor.decode(sequences[0]).startswith("<s>")  # special tokens kept unless asked, as in transformers
 
 
 def test_save_and_load_round_trip(pad_processor, slice_processor, tmp_path):
@@ -280,3 +291,30 @@ def test_save_and_load_round_trip(pad_processor, slice_processor, tmp_path):
         expected, got = processor(images=pictures, text=prompt), loaded(images=pictures, text=prompt)
         for key in expected:
             assert torch.equal(expected[key], got[key]), key
+
+
+def test_num_multimodal_tokens_are_each_images_crops_and_placeholder_run(pad_processor, slice_processor):
+    sizes = [(40, 40), (400, 700), (1000, 300), (336, 1344)]
+    for processor in (pad_processor, slice_processor):
+        data = processor._get_num_multimodal_tokens(image_sizes=sizes)
+        for (height, width), num_tokens, num_crops in zip(sizes, data.num_image_tokens, data.num_image_patches):
+            out = processor(images=image(width, height), text="<image>", add_special_tokens=False, return_tensors=None)
+            h_block, w_block = processor.image_processor(image(width, height))["image_grids"][0].tolist()
+            per_crop, blocks = processor.num_image_tokens, h_block * w_block
+            # TOKENPACKER.md section 3: blocks, ',' between the blocks of a row, '\n' after each row, thumbnail + '\n'
+            expected = per_crop if processor.image_processor.image_aspect_ratio == "pad" else (
+                blocks * per_crop + h_block * w_block + (per_crop + 1 if blocks > 1 else 0)
+            )
+            assert num_tokens == expected == len(out["input_ids"][0])  # the whole run the `<image>` became
+            assert num_crops == len(out["pixel_values"]) == (1 if blocks == 1 else blocks + 1)
+    assert "num_image_tokens" not in pad_processor._get_num_multimodal_tokens()
+
+
+def test_truncation_off_is_accepted_and_on_is_refused(pad_processor):
+    prompt = f"{SYSTEM} USER: <image>\nWhat is it? ASSISTANT:"
+    plain = pad_processor(images=image(40, 40), text=prompt)
+    for truncation in (False, None):
+        out = pad_processor(images=image(40, 40), text=prompt, truncation=truncation)
+        assert torch.equal(out["input_ids"], plain["input_ids"])
+    with pytest.raises(ValueError, match="does not support \\['truncation'\\]"):
+        pad_processor(images=image(40, 40), text=prompt, truncation=True)

@@ -92,7 +92,8 @@ def test_round_trip_publish_download_and_generate_in_a_fresh_process(hub, tiny_m
     assert result.commit.oid == head.oid and head.message == "Add tiny checkpoint"
     assert len(repo.commits) == 2  # the repository's initial commit, then the whole folder in one commit
     assert sorted(head.operations) == [
-        ("file", "README.md"), ("file", "config.json"), ("file", "configuration_tokenpacker.py"),
+        ("file", "README.md"), ("file", "compat_tokenpacker.py"), ("file", "config.json"),
+        ("file", "configuration_tokenpacker.py"),
         ("file", "generation_config.json"), ("file", "modeling_tokenpacker.py"), ("lfsFile", "model.safetensors"),
     ]
     weights = (checkpoint / "model.safetensors").read_bytes()
@@ -366,8 +367,8 @@ def test_a_forbidden_repository_is_refused(hub, checkpoint, capsys):
 @pytest.mark.parametrize(
     ("failure", "message"),
     [
-        ({"status": 500}, "the Hub failed with a server error (500) while uploading 6 files to alice/tiny"),
-        ({"drop": True}, "the connection to {endpoint} failed while uploading 6 files to alice/tiny (RemoteProtocol"),
+        ({"status": 500}, "the Hub failed with a server error (500) while uploading 7 files to alice/tiny"),
+        ({"drop": True}, "the connection to {endpoint} failed while uploading 7 files to alice/tiny (RemoteProtocol"),
     ],
 )
 def test_a_failed_commit_publishes_nothing_and_a_rerun_completes_it(hub, checkpoint, capsys, failure, message):

@@ -14,7 +14,7 @@ from tokenpacker import TokenPackerConfig, TokenPackerForConditionalGeneration
 from .builders import IMAGE_TOKEN_ID, tiny_checkpoint_folder, tiny_config
 from .remote_process import run_without_tokenpacker
 
-REMOTE_FILES = {"configuration_tokenpacker.py", "modeling_tokenpacker.py"}
+REMOTE_FILES = {"compat_tokenpacker.py", "configuration_tokenpacker.py", "modeling_tokenpacker.py"}
 
 
 def saved_model(folder):
@@ -71,7 +71,15 @@ def test_exported_code_is_the_package_code_with_flat_imports(tmp_path):
     exported = (tmp_path / "modeling_tokenpacker.py").read_text()
     assert exported == package_source.replace(
         "from ..configuration.configuration_tokenpacker import", "from .configuration_tokenpacker import"
-    )
+    ).replace("from ..configuration.compat_tokenpacker import", "from .compat_tokenpacker import")
+
+
+def test_exported_code_detects_features_without_reading_versions(tmp_path):
+    saved_model(tmp_path)
+    for name in REMOTE_FILES:
+        source = (tmp_path / name).read_text()
+        for version_check in ("__version__", "is_transformers_version", "packaging", "importlib.metadata"):
+            assert version_check not in source, (name, version_check)
 
 
 def test_fresh_process_without_tokenpacker_generates_the_same_ids(tmp_path):
@@ -168,6 +176,7 @@ CHECKPOINT_FILES = {
     "tokenizer.json",
     "tokenizer_config.json",
     "tokenizer.model",
+    "compat_tokenpacker.py",
     "configuration_tokenpacker.py",
     "modeling_tokenpacker.py",
     "image_processing_tokenpacker.py",

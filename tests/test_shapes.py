@@ -70,7 +70,7 @@ def test_the_shipped_model_answers_held_out_scenes_in_batches(shipped, tmp_path)
         inputs = processor(images=[scene.image for scene, _, _ in batch], text=prompts)
         with torch.no_grad():
             generated = model.generate(**inputs, max_new_tokens=4, do_sample=False)
-        answers = processor.batch_decode(generated[:, inputs["input_ids"].shape[1] :])
+        answers = processor.post_process_image_text_to_text(generated[:, inputs["input_ids"].shape[1] :])
         right += sum(answer == getattr(scene, attribute) for answer, (scene, attribute, _) in zip(answers, batch))
     assert right / len(asked) >= 0.97, f"{right} of {len(asked)} held-out answers right"
 

@@ -10,9 +10,18 @@ import pytest
 import sentencepiece as spm
 import torch
 from PIL import Image
-from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
+from transformers import (
+    CLIPConfig,
+    CLIPModel,
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    HfArgumentParser,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
 
 from tokenpacker import TokenPackerForConditionalGeneration, TokenPackerProcessor
+from tokenpacker.configuration.compat_tokenpacker import training_activation_checkpointing_argument
 from tokenpacker.shapes import render_scene, train_tokenizer, write_dataset
 from tokenpacker.training import (
     ConversationCollator,
@@ -313,6 +322,14 @@ def command_arguments(workspace, output) -> list[str]:
         "--report_to", "none",
         "--disable_tqdm", "true",
     ]  # fmt: skip
+
+def test_activation_checkpointing_argument_turns_on_the_installed_librarys_checkpointing():
+    parser = HfArgumentParser(TokenPackerTrainingArguments)
+    (on,) = parser.parse_args_into_dataclasses(["--output_dir", "out", "--use_cpu", "--activation_checkpointing"])
+    (off,) = parser.parse_args_into_dataclasses(["--output_dir", "out", "--use_cpu"])
+    name = training_activation_checkpointing_argument()
+    assert getattr(on, name) is True and not getattr(off, name)
+
 
 def test_the_command_saves_checkpoints_that_reload(workspace):
     output = workspace / "cli"

@@ -191,7 +191,7 @@ def evaluate(model, processor, data_path: str | Path, batch_size: int = 32) -> d
         images = [Image.open(data_path.parent / record["image"]).convert("RGB") for record in batch]
         inputs = processor(images=images, text=prompts)
         generated = model.generate(**inputs, max_new_tokens=4, do_sample=False)
-        answers = processor.batch_decode(generated[:, inputs["input_ids"].shape[1] :])
+        answers = processor.post_process_image_text_to_text(generated[:, inputs["input_ids"].shape[1] :])
         for record, question, answer in zip(batch, questions, answers):
             results[question].append(answer == record["conversations"][1]["value"])
     accuracy = {question: sum(hits) / len(hits) for question, hits in results.items() if hits}

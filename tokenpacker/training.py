@@ -27,6 +27,7 @@ from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.utils import is_torch_bf16_gpu_available, is_torch_xla_available
 from transformers.utils import IMAGE_PROCESSOR_NAME, cached_file
 
+from .configuration.compat_tokenpacker import training_activation_checkpointing_argument
 from .modeling import TokenPackerForConditionalGeneration
 from .modeling.modeling_tokenpacker import language_model_tokenizer
 from .processing import TokenPackerProcessor
@@ -119,6 +120,15 @@ class TokenPackerTrainingArguments(TrainingArguments):
     vision_tower_lr: float | None = field(
         default=None, metadata={"help": "Learning rate of a trained vision tower (default: --learning_rate)."}
     )
+    if training_activation_checkpointing_argument() == "gradient_checkpointing":
+        # Where the library still calls it gradient checkpointing, --activation_checkpointing turns that on.
+        activation_checkpointing: bool = field(
+            default=False, metadata={"help": "Recompute activations in the backward pass to save memory."}
+        )
+
+        def __post_init__(self):
+            self.gradient_checkpointing = self.gradient_checkpointing or self.activation_checkpointing
+            super().__post_init__()
 
     def __post_init__(self):
         # The Trainer's own rule for bfloat16: a GPU (or XLA device) that supports it, unless it runs on the CPU.
