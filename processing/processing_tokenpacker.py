@@ -344,7 +344,7 @@ class TokenPackerProcessor(RemoteCodeMixin, ProcessorMixin):
         """The conversation(s) as lists of message dicts, and whether a batch was given; refuses malformed ones."""
         if isinstance(conversation, (list, tuple)) and not conversation:
             raise ValueError("apply_chat_template needs a conversation with at least one message, got an empty list")
-        conversations, is_batched = self._normalize_conversations(conversation)
+        conversations, is_batched = _as_conversations(conversation)
         for conversation_index, messages in enumerate(conversations):
             batch_place = f" of conversation {conversation_index}" if is_batched else ""
             if not messages:
@@ -421,6 +421,17 @@ def _single_image(image, where: str):
             f"got {type(image).__name__}"
         )
     return image
+
+
+def _as_conversations(conversation) -> tuple[list, bool]:
+    """One conversation (a list of messages) or a batch of them (a list of lists) as a batch, and whether it was one."""
+    is_batched = isinstance(conversation, (list, tuple)) and isinstance(conversation[0], (list, tuple))
+    conversations = list(conversation) if is_batched else [conversation]
+    for index, messages in enumerate(conversations):
+        if not isinstance(messages, (list, tuple)) or not all(isinstance(message, dict) for message in messages):
+            place = f"conversation {index} of the batch" if is_batched else "the conversation"
+            raise ValueError(f"{place} must be a list of message dicts with 'role' and 'content', got {messages!r:.200}")
+    return conversations, is_batched
 
 
 def _check_content_item(item, where: str, needs_image_source: bool):
