@@ -29,6 +29,7 @@ from transformers import LlavaConfig, LlavaForConditionalGeneration
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tokenpacker import TokenPackerConfig, TokenPackerForConditionalGeneration  # noqa: E402
+from tokenpacker.configuration.compat_tokenpacker import CACHE_NAME  # noqa: E402
 from tokenpacker.processing.image_processing_tokenpacker import select_slice_grid  # noqa: E402
 
 TEXT_TOKENS = 32
@@ -92,7 +93,7 @@ def language_model_cost(model, image_tokens: int) -> tuple[int, int]:
     outputs = {}
     flops = count_flops(lambda: outputs.setdefault("out", language_model(inputs_embeds=embeds, use_cache=True)))
     flops += count_flops(lambda: head(embeds[:, -1:]))
-    cache = outputs["out"].cache
+    cache = getattr(outputs["out"], CACHE_NAME)
     cache_bytes = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
     return flops, cache_bytes * image_tokens // (image_tokens + TEXT_TOKENS)
 
