@@ -61,7 +61,7 @@ class TokenPackerMLP(nn.Module):
         return self.linear_2(self.act(self.linear_1(hidden_states)))
 
 
-class HeadBlockLinear(nn.Module):
+class TokenPackerHeadBlockLinear(nn.Module):
     """The parameters of a square Linear whose output rows form `num_heads` blocks, one block per attention head."""
 
     def __init__(self, hidden_size: int, num_heads: int):
@@ -81,7 +81,7 @@ class HeadBlockLinear(nn.Module):
         return f"hidden_size={self.weight.shape[1]}, num_heads={self.num_heads}"
 
 
-class KeyProjection(HeadBlockLinear):
+class TokenPackerKeyProjection(TokenPackerHeadBlockLinear):
     """The keys' Linear, applied through the query: per head, q . (W k + b) = (W^T q) . k + q . b.
 
     One product per query instead of one per key of its region.
@@ -95,7 +95,7 @@ class KeyProjection(HeadBlockLinear):
         return query_in_key_space, bias_term
 
 
-class ValueProjection(HeadBlockLinear):
+class TokenPackerValueProjection(TokenPackerHeadBlockLinear):
     """The values' Linear, applied per head after the attention weights a_j mixed the values.
 
     The weights of a head sum to 1, so sum_j a_j (W v_j + b) = W (sum_j a_j v_j) + b: one product per query.
@@ -108,11 +108,12 @@ class ValueProjection(HeadBlockLinear):
         return torch.baddbmm(bias, mixed_values.transpose(0, 1), weight).transpose(0, 1)
 
 
-class RegionToPointAttention(nn.Module):
+class TokenPackerRegionToPointAttention(nn.Module):
     """Multi-head attention in which each query sees only the keys and values of its own region.
 
-    With one query per region, the key and value projections act through the query (`KeyProjection`,
-    `ValueProjection`): the same attention, without projecting the `region_size` keys and values of every region.
+    With one query per region, the key and value projections act through the query
+    (`TokenPackerKeyProjection`, `TokenPackerValueProjection`): the same attention, without projecting the
+    `region_size` keys and values of every region.
     """
 
     def __init__(self, hidden_size: int, num_heads: int):
@@ -120,8 +121,8 @@ class RegionToPointAttention(nn.Module):
         self.num_heads = num_heads
         self.head_dim = hidden_size // num_heads
         self.q_proj = nn.Linear(hidden_size, hidden_size)
-        self.k_proj = KeyProjection(hidden_size, num_heads)
-        self.v_proj = ValueProjection(hidden_size, num_heads)
+        self.k_proj = TokenPackerKeyProjection(hidden_size, num_heads)
+        self.v_proj = TokenPackerValueProjection(hidden_size, num_heads)
         self.out_proj = nn.Linear(hidden_size, hidden_size)
 
     def forward(self, queries: torch.Tensor, region_keys: torch.Tensor, region_values: torch.Tensor) -> torch.Tensor:
@@ -160,7 +161,7 @@ class TokenPackerProjector(nn.Module):
         self.key_norm = nn.LayerNorm(width, eps=eps)
         self.value_proj = TokenPackerMLP(multi_level_size, width, width, act)
         self.value_norm = nn.LayerNorm(width, eps=eps)
-        self.attention = RegionToPointAttention(width, config.projector_num_heads)
+        self.attention = TokenPackerRegionToPointAttention(width, config.projector_num_heads)
         self.output_proj = TokenPackerMLP(width, text_size, text_size, act)
 
     def coarse_queries(self, patch_features: torch.Tensor) -> torch.Tensor:
@@ -209,7 +210,7 @@ class TokenPackerPreTrainedModel(RemoteCodeMixin, PreTrainedModel):
     def _init_weights(self, module):
         if isinstance(module, TokenPackerProjector):
             for linear in module.modules():
-                if isinstance(linear, (nn.Linear, HeadBlockLinear)):
+                if isinstance(linear, (nn.Linear, TokenPackerHeadBlockLinear)):
                     init.trunc_normal_(linear.weight, std=self.config.initializer_range)
                     if linear.bias is not None:
                         init.zeros_(linear.bias)
