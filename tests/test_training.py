@@ -20,7 +20,8 @@ from transformers import (
     LlamaForCausalLM,
 )
 
-from tokenpacker import TokenPackerForConditionalGeneration, TokenPackerProcessor
+from tokenpacker import TokenPackerForConditionalGeneration, TokenPackerProcessor, from_vision_and_text
+from tokenpacker.building import build_model_and_processor
 from tokenpacker.configuration.compat_tokenpacker import training_activation_checkpointing_argument
 from tokenpacker.shapes import render_scene, train_tokenizer, write_dataset
 from tokenpacker.training import (
@@ -29,7 +30,6 @@ from tokenpacker.training import (
     DataArguments,
     ModelArguments,
     TokenPackerTrainingArguments,
-    build_model_and_processor,
     chat_messages,
     encode_conversation,
     main,
@@ -107,7 +107,7 @@ def test_from_vision_and_text_keeps_both_models_weights_and_adds_the_tokens():
         bos_token="<s>",
         eos_token="</s>",
     )
-    model = TokenPackerForConditionalGeneration.from_vision_and_text(clip, llm, tokenizer=tokenizer, scale_factor=3)
+    model = from_vision_and_text(clip, llm, tokenizer=tokenizer, scale_factor=3)
 
     assert tokenizer.convert_tokens_to_ids(["<image>", "<pad>"]) == [6, 7]
     config = model.config
@@ -126,12 +126,12 @@ def test_from_vision_and_text_keeps_both_models_weights_and_adds_the_tokens():
 
 def test_from_vision_and_text_rejects_what_it_cannot_use(workspace):
     with pytest.raises(ValueError, match="Pass the language model's tokenizer: text_model_or_path is a model object"):
-        TokenPackerForConditionalGeneration.from_vision_and_text(workspace / "vision", tiny_llama(PIECES))
+        from_vision_and_text(workspace / "vision", tiny_llama(PIECES))
     with pytest.raises(TypeError, match="vision_model_or_path must be a folder, a Hub id or a PreTrainedModel, got int"):
-        TokenPackerForConditionalGeneration.from_vision_and_text(3, workspace / "text")
+        from_vision_and_text(3, workspace / "text")
     shallow = CLIPVisionModel(CLIPVisionConfig(**{**VISION, "num_hidden_layers": 2}))
     with pytest.raises(ValueError, match="multi_level_feature_layers must index the vision tower's 3 hidden states"):
-        TokenPackerForConditionalGeneration.from_vision_and_text(shallow, workspace / "text", **SETTINGS)
+        from_vision_and_text(shallow, workspace / "text", **SETTINGS)
 
 
 def test_the_processor_matches_the_model_and_the_tower_normalization(workspace):
