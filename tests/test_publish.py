@@ -95,8 +95,8 @@ def test_round_trip_publish_download_and_generate_in_a_fresh_process(hub, tiny_m
     assert sorted(head.operations) == [
         ("file", "README.md"), ("file", "compat_tokenpacker.py"), ("file", "config.json"),
         ("file", "configuration_tokenpacker.py"), ("file", "generation_config.json"),
-        ("file", "image_processing_tokenpacker.py"), ("file", "modeling_tokenpacker.py"), ("lfsFile", "model.safetensors"),
-        ("file", "processing_tokenpacker.py"),
+        ("file", "image_processing_tokenpacker.py"), ("file", "modeling_tokenpacker.py"),
+        ("file", "processing_tokenpacker.py"), ("lfsFile", "model.safetensors"),
     ]
     weights = (checkpoint / "model.safetensors").read_bytes()
     assert hub.lfs_objects == {hashlib.sha256(weights).hexdigest(): weights}
@@ -369,8 +369,8 @@ def test_a_forbidden_repository_is_refused(hub, checkpoint, capsys):
 @pytest.mark.parametrize(
     ("failure", "message"),
     [
-        ({"status": 500}, "the Hub failed with a server error (500) while uploading 7 files to alice/tiny"),
-        ({"drop": True}, "the connection to {endpoint} failed while uploading 7 files to alice/tiny (RemoteProtocol"),
+        ({"status": 500}, "the Hub failed with a server error (500) while uploading 9 files to alice/tiny"),
+        ({"drop": True}, "the connection to {endpoint} failed while uploading 9 files to alice/tiny (RemoteProtocol"),
     ],
 )
 def test_a_failed_commit_publishes_nothing_and_a_rerun_completes_it(hub, checkpoint, capsys, failure, message):

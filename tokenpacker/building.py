@@ -123,7 +123,9 @@ def build_model_and_processor(
     model = from_vision_and_text(vision_model_or_path, text_model_or_path, tokenizer=tokenizer, **config_settings)
     normalization = {}
     if not isinstance(vision_model_or_path, PreTrainedModel):
-        settings_file = cached_file(vision_model_or_path, IMAGE_PROCESSOR_NAME, _raise_exceptions_for_missing_entries=False)
+        settings_file = cached_file(
+            vision_model_or_path, IMAGE_PROCESSOR_NAME, _raise_exceptions_for_missing_entries=False
+        )
         if settings_file is not None:
             tower_settings = json.loads(Path(settings_file).read_text())
             normalization = {key: tower_settings[key] for key in ("image_mean", "image_std") if key in tower_settings}
