@@ -7,7 +7,7 @@ other modules use these names only.
 import functools
 import importlib
 
-from transformers import PreTrainedModel, modeling_utils
+from transformers import PreTrainedConfig, PreTrainedModel, modeling_utils
 from transformers.modeling_outputs import BaseModelOutputWithPast
 from transformers.utils.deprecation import deprecate_kwarg
 
@@ -18,6 +18,10 @@ CACHE_NAME = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ 
 HIDDEN_STATES_SELECTABLE = hasattr(
     importlib.import_module("transformers.utils.output_capturing"), "selected_hidden_states"
 )
+
+# Configs are huggingface_hub strict dataclasses with a `validate()` (the `validate_*` checks) that `save_pretrained`
+# runs; TokenPacker's config chains its own checks to it where the library has one.
+LIBRARY_VALIDATES_CONFIGS = callable(getattr(PreTrainedConfig, "validate", None))
 
 # `activation_checkpointing_enable` / `is_activation_checkpointing`; earlier releases say "gradient checkpointing".
 ACTIVATION_CHECKPOINTING_NAMES = hasattr(PreTrainedModel, "activation_checkpointing_enable")
@@ -84,6 +88,7 @@ __all__ = [
     "ACTIVATION_CHECKPOINTING_NAMES",
     "CACHE_NAME",
     "HIDDEN_STATES_SELECTABLE",
+    "LIBRARY_VALIDATES_CONFIGS",
     "accepts_past_key_values",
     "enable_activation_checkpointing",
     "is_activation_checkpointing",

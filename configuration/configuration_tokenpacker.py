@@ -1,81 +1,12 @@
-"""TokenPacker model configuration, and the code export that makes saved folders load with trust_remote_code."""
+"""TokenPacker model configuration: typed fields, checked when the config is built and whenever one is assigned."""
 
-import importlib
-import json
-import re
-import sys
-from pathlib import Path
-from typing import ClassVar
+import math
+from typing import Literal, get_args
 
 from transformers import AutoConfig, PreTrainedConfig
+from transformers.activations import ACT2FN
 
-# `from ..package.module import` or `from .module import` at the start of a line
-_RELATIVE_IMPORT = re.compile(r"^from (\.+)([\w.]*) import ", re.MULTILINE)
-
-
-def remote_code_sources(module_name: str) -> dict[str, str]:
-    """The source of `module_name` and of every module it imports relatively, as flat files importing each other.
-
-    In this package the modules live in sibling subpackages (`from ..configuration.configuration_tokenpacker import`);
-    in a Hub folder they sit side by side (`from .configuration_tokenpacker import`). Loaded from a Hub folder, the
-    modules are flat already and come out unchanged.
-    """
-    sources, pending = {}, [module_name]
-    while pending:
-        module = importlib.import_module(pending.pop())
-        path = Path(module.__file__)
-        if path.name in sources:
-            continue
-
-        def flatten(match, package=module.__package__):
-            target = importlib.util.resolve_name(match.group(1) + match.group(2), package)
-            pending.append(target)
-            return f"from .{target.rsplit('.', 1)[-1]} import "
-
-        sources[path.name] = _RELATIVE_IMPORT.sub(flatten, path.read_text(encoding="utf-8"))
-    return sources
-
-
-def write_remote_code(save_directory, module_name: str, auto_map: dict[str, dict[str, str]]) -> None:
-    """Writes the flat code of `module_name` into `save_directory` and adds `auto_map` entries to its JSON files.
-
-    `auto_map` maps a JSON file name (config.json, processor_config.json...), or a file name and one of its sections
-    ("processor_config.json/image_processor"), to the Auto classes it should name; what the save did not write is
-    left alone.
-    """
-    save_directory = Path(save_directory)
-    for file_name, source in remote_code_sources(module_name).items():
-        (save_directory / file_name).write_text(source, encoding="utf-8")
-    for location, entries in auto_map.items():
-        file_name, _, section = location.partition("/")
-        path = save_directory / file_name
-        if not path.is_file():
-            continue
-        content = json.loads(path.read_text(encoding="utf-8"))
-        target = content.get(section) if section else content
-        if isinstance(target, dict):
-            target["auto_map"] = {**target.get("auto_map", {}), **entries}
-            path.write_text(json.dumps(content, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-
-
-class RemoteCodeMixin:
-    """`save_pretrained` also writes the code defining the saved classes, so that the folder loads with
-    `trust_remote_code=True` where this package is not installed. Subclasses list the Auto classes to name."""
-
-    remote_code_auto_map: ClassVar[dict[str, dict[str, str]]] = {}
-
-    def save_pretrained(self, save_directory, *args, push_to_hub: bool = False, **kwargs):
-        hub_kwargs = {
-            key: kwargs.pop(key)
-            for key in ("repo_id", "commit_message", "commit_description", "private", "create_pr", "revision")
-            if key in kwargs
-        }
-        saved = super().save_pretrained(save_directory, *args, **kwargs)
-        write_remote_code(save_directory, type(self).__module__, self.remote_code_auto_map)
-        if push_to_hub:
-            repo_id = hub_kwargs.pop("repo_id", Path(save_directory).name)
-            self.push_to_hub(repo_id, token=kwargs.get("token"), **hub_kwargs)
-        return saved
+from .compat_tokenpacker import LIBRARY_VALIDATES_CONFIGS
 
 
 def _sub_config(name: str, value, model_type: str, settings: dict) -> PreTrainedConfig:
@@ -90,7 +21,65 @@ def _sub_config(name: str, value, model_type: str, settings: dict) -> PreTrained
     raise TypeError(f"{name} must be a dict, a PreTrainedConfig or None, got {type(value).__name__}")
 
 
-class TokenPackerConfig(RemoteCodeMixin, PreTrainedConfig):
+def _positive_integer(name: str, value):
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be a positive integer, got {type(value).__name__} {value!r}")
+    if value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _token_id(name: str, value):
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be a token id (int), got {type(value).__name__} {value!r}")
+    if value < 0:
+        raise ValueError(f"{name} must be a non-negative token id, got {value!r}")
+
+
+def _positive_float(name: str, value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a positive float, got {type(value).__name__} {value!r}")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a positive float, got {value!r}")
+
+
+def _layer_index(name: str, value):
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be a hidden-state index (int), got {type(value).__name__} {value!r}")
+
+
+def _layer_indices(name: str, value):
+    if not isinstance(value, (list, tuple)):
+        raise TypeError(f"{name} must be a list of hidden-state indices, got {type(value).__name__} {value!r}")
+    if not value:
+        raise ValueError(f"{name} must name at least one hidden-state index, got []")
+    for layer in value:
+        _layer_index(name, layer)
+
+
+def _one_of(name: str, value, allowed: tuple):
+    if isinstance(value, bool) or value not in allowed:
+        choices = [repr(choice) for choice in allowed]
+        raise ValueError(f"{name} must be {', '.join(choices[:-1])} or {choices[-1]}, got {value!r}")
+
+
+def _activation(name: str, value):
+    if not isinstance(value, str) or value not in ACT2FN:
+        raise ValueError(f"{name} must name an activation of transformers' ACT2FN (e.g. 'gelu'), got {value!r}")
+
+
+def _strategy(name: str, value):
+    if value != "default":
+        raise ValueError(
+            f"{name} must be 'default' (the CLS token is dropped so that the patches form a square grid), "
+            f"got {value!r}"
+        )
+
+
+# Marks a config whose construction is complete: from then on every assignment is checked against the whole config.
+_CHECKS_ASSIGNMENTS = "_checks_assignments"
+
+
+class TokenPackerConfig(PreTrainedConfig):
     r"""
     Configuration of a TokenPacker multimodal model: a CLIP-like vision tower, the TokenPacker projector and a causal
     language model, as in "TokenPacker: Efficient Visual Projector for Multimodal LLM" (arXiv 2407.02392).
@@ -138,7 +127,6 @@ class TokenPackerConfig(RemoteCodeMixin, PreTrainedConfig):
     """
 
     model_type = "tokenpacker"
-    remote_code_auto_map = {"config.json": {"AutoConfig": "configuration_tokenpacker.TokenPackerConfig"}}
     sub_configs = {"vision_config": AutoConfig, "text_config": AutoConfig}
     # Each sub-config's model type when a dict names none, and its settings when it is not given.
     default_sub_configs = {
@@ -168,8 +156,8 @@ class TokenPackerConfig(RemoteCodeMixin, PreTrainedConfig):
     projector_num_heads: int = 8
     projector_hidden_act: str = "gelu"
     projector_layer_norm_eps: float = 1e-6
-    image_aspect_ratio: str = "pad"
-    max_slices: int = 9
+    image_aspect_ratio: Literal["pad", "slice"] = "pad"
+    max_slices: Literal[9, 16, 25] = 9
     slice_separator_token_id: int = 29892
     row_separator_token_id: int = 0
     initializer_range: float = 0.02
@@ -188,19 +176,45 @@ class TokenPackerConfig(RemoteCodeMixin, PreTrainedConfig):
         self.multi_level_feature_layers = list(self.multi_level_feature_layers)
         if not self.tie_word_embeddings and getattr(self.text_config, "tie_word_embeddings", False):
             self.tie_word_embeddings = True
-        self._validate_projector()
-        self._validate_inputs()
+        self.validate_projector()
+        self.validate_inputs()
+        self.__dict__[_CHECKS_ASSIGNMENTS] = True
 
-    def _validate_projector(self):
-        if self.vision_feature_select_strategy != "default":
-            raise ValueError(
-                "vision_feature_select_strategy must be 'default' (the CLS token is dropped so that the patches form a "
-                f"square grid), got {self.vision_feature_select_strategy!r}"
-            )
-        for name in ("scale_factor", "projector_hidden_size", "projector_num_heads"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    def __setattr__(self, name, value):
+        """Assigning a TokenPacker field checks the value, and then the whole config with it (the old value stays
+        when that fails). Edits inside `vision_config` or `text_config` are checked by `validate()`."""
+        check = _FIELD_CHECKS.get(name)
+        if check is None:
+            super().__setattr__(name, value)
+            return
+        check(name, value)
+        if not self.__dict__.get(_CHECKS_ASSIGNMENTS):
+            super().__setattr__(name, value)
+            return
+        previous = self.__dict__[name]
+        super().__setattr__(name, list(value) if name == "multi_level_feature_layers" else value)
+        try:
+            self.validate_projector()
+            self.validate_inputs()
+        except (TypeError, ValueError):
+            super().__setattr__(name, previous)
+            raise
+
+    def to_dict(self) -> dict:
+        output = super().to_dict()
+        output.pop(_CHECKS_ASSIGNMENTS, None)
+        return output
+
+    def validate(self):
+        """Checks the whole config, sub-configs included: the library's checks where it has them, then TokenPacker's
+        (the library runs this when saving)."""
+        if LIBRARY_VALIDATES_CONFIGS:
+            super().validate()
+        self.validate_projector()
+        self.validate_inputs()
+
+    def validate_projector(self):
+        """The projector's settings against each other and against the vision tower."""
         grid = self.patch_grid_size
         if grid % self.scale_factor != 0:
             divisors = [d for d in range(1, grid + 1) if grid % d == 0]
@@ -213,34 +227,28 @@ class TokenPackerConfig(RemoteCodeMixin, PreTrainedConfig):
                 f"projector_num_heads must divide projector_hidden_size ({self.projector_hidden_size}), "
                 f"got {self.projector_num_heads}"
             )
-        if not self.multi_level_feature_layers:
-            raise ValueError("multi_level_feature_layers must name at least one hidden-state index, got []")
         num_states = self.vision_config.num_hidden_layers + 1
         for name, layers in (
             ("vision_feature_layer", [self.vision_feature_layer]),
             ("multi_level_feature_layers", self.multi_level_feature_layers),
         ):
             for layer in layers:
-                if isinstance(layer, bool) or not isinstance(layer, int) or not -num_states <= layer < num_states:
+                if not -num_states <= layer < num_states:
                     raise ValueError(
                         f"{name} must index the vision tower's {num_states} hidden states "
                         f"(from {-num_states} to {num_states - 1}), got {layer!r}"
                     )
 
-    def _validate_inputs(self):
-        if self.image_aspect_ratio not in ("pad", "slice"):
-            raise ValueError(f"image_aspect_ratio must be 'pad' or 'slice', got {self.image_aspect_ratio!r}")
-        if self.max_slices not in (9, 16, 25):
-            raise ValueError(f"max_slices must be 9, 16 or 25, got {self.max_slices!r}")
+    def validate_inputs(self):
+        """The separator ids against the text vocabulary, in "slice" mode (the only mode that writes them)."""
+        if self.image_aspect_ratio != "slice":
+            return
         vocab_size = self.text_config.vocab_size
-        for name in ("image_token_id", "slice_separator_token_id", "row_separator_token_id"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"{name} must be a non-negative token id, got {value!r}")
         for name in ("slice_separator_token_id", "row_separator_token_id"):
             if getattr(self, name) >= vocab_size:
                 raise ValueError(
-                    f"{name} must be below the text model's vocab_size ({vocab_size}), got {getattr(self, name)}"
+                    f"{name} must be below the text model's vocab_size ({vocab_size}), got {getattr(self, name)} "
+                    "('slice' mode writes it into the input ids)"
                 )
 
     @property
@@ -272,4 +280,23 @@ class TokenPackerConfig(RemoteCodeMixin, PreTrainedConfig):
         return max(query_layer, *levels)
 
 
-__all__ = ["RemoteCodeMixin", "TokenPackerConfig", "remote_code_sources", "write_remote_code"]
+# TokenPacker's own fields -> the check of a value on its own (`TokenPackerConfig.validate_*` check them together).
+_FIELD_CHECKS = {
+    "image_token_id": _token_id,
+    "scale_factor": _positive_integer,
+    "vision_feature_layer": _layer_index,
+    "multi_level_feature_layers": _layer_indices,
+    "vision_feature_select_strategy": _strategy,
+    "projector_hidden_size": _positive_integer,
+    "projector_num_heads": _positive_integer,
+    "projector_hidden_act": _activation,
+    "projector_layer_norm_eps": _positive_float,
+    "image_aspect_ratio": lambda name, value: _one_of(name, value, get_args(TokenPackerConfig.__annotations__[name])),
+    "max_slices": lambda name, value: _one_of(name, value, get_args(TokenPackerConfig.__annotations__[name])),
+    "slice_separator_token_id": _token_id,
+    "row_separator_token_id": _token_id,
+    "initializer_range": _positive_float,
+}
+
+
+__all__ = ["TokenPackerConfig"]

@@ -20,12 +20,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import GenerationConfig, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerFast
 
+from ..building import generation_config_for
 from ..configuration import TokenPackerConfig
-from ..configuration.configuration_tokenpacker import write_remote_code
 from ..modeling import TokenPackerForConditionalGeneration
 from ..processing import TokenPackerProcessor
+from ..remote_code import export_remote_code
 from .checkpoint_files import CheckpointFiles, ShardContents, TensorInfo
 from .model_card import model_card
 from .original_checkpoint import (
@@ -261,19 +262,6 @@ def expected_parameters(config: TokenPackerConfig) -> dict[str, torch.Size]:
     with torch.device("meta"):
         model = TokenPackerForConditionalGeneration(config)
     return {name: tensor.shape for name, tensor in model.state_dict().items()}
-
-
-def generation_config(source: dict, config: TokenPackerConfig, pad_token_id: int) -> GenerationConfig:
-    """The source's generation settings, with the new pad id and the new tokens never generated."""
-    settings = {
-        key: value for key, value in source.items() if key not in ("transformers_version", "_from_model_config")
-    }
-    text = config.text_config
-    settings.setdefault("bos_token_id", text.bos_token_id)
-    settings.setdefault("eos_token_id", text.eos_token_id)
-    settings["pad_token_id"] = pad_token_id
-    settings["suppress_tokens"] = [config.image_token_id, pad_token_id]
-    return GenerationConfig(**settings)
 
 
 def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
@@ -524,11 +512,10 @@ def convert_checkpoint(
             plan, folder.path, prepared.dtype, len(prepared.new_tokens), shard_bytes, allow_non_finite
         )
         config.save_pretrained(folder.path)
-        model_class = TokenPackerForConditionalGeneration
-        write_remote_code(folder.path, model_class.__module__, model_class.remote_code_auto_map)
         pad_token_id = prepared.tokenizer.pad_token_id
-        generation_config(prepared.original.generation_config, config, pad_token_id).save_pretrained(folder.path)
+        generation_config_for(config, pad_token_id, prepared.original.generation_config).save_pretrained(folder.path)
         TokenPackerProcessor.from_model_config(config, prepared.tokenizer).save_pretrained(folder.path)
+        export_remote_code(folder.path)
         report = None
         if verify:
             report = verify_weights(

@@ -1,24 +1,13 @@
 """TokenPacker: a CLIP-like vision tower, the TokenPacker projector and a causal language model (arXiv 2407.02392)."""
 
 import copy
-import os
-import re
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention.flex_attention import BlockMask
-from transformers import (
-    AutoConfig,
-    AutoModel,
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    GenerationConfig,
-    GenerationMixin,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-)
+from transformers import AutoModel, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache
@@ -31,7 +20,7 @@ from ..configuration.compat_tokenpacker import (
     selected_hidden_states,
     slice_logits_to_keep,
 )
-from ..configuration.configuration_tokenpacker import RemoteCodeMixin, TokenPackerConfig
+from ..configuration.configuration_tokenpacker import TokenPackerConfig
 
 
 @dataclass
@@ -61,7 +50,7 @@ class TokenPackerMLP(nn.Module):
         return self.linear_2(self.act(self.linear_1(hidden_states)))
 
 
-class HeadBlockLinear(nn.Module):
+class TokenPackerHeadBlockLinear(nn.Module):
     """The parameters of a square Linear whose output rows form `num_heads` blocks, one block per attention head."""
 
     def __init__(self, hidden_size: int, num_heads: int):
@@ -81,7 +70,7 @@ class HeadBlockLinear(nn.Module):
         return f"hidden_size={self.weight.shape[1]}, num_heads={self.num_heads}"
 
 
-class KeyProjection(HeadBlockLinear):
+class TokenPackerKeyProjection(TokenPackerHeadBlockLinear):
     """The keys' Linear, applied through the query: per head, q . (W k + b) = (W^T q) . k + q . b.
 
     One product per query instead of one per key of its region.
@@ -95,7 +84,7 @@ class KeyProjection(HeadBlockLinear):
         return query_in_key_space, bias_term
 
 
-class ValueProjection(HeadBlockLinear):
+class TokenPackerValueProjection(TokenPackerHeadBlockLinear):
     """The values' Linear, applied per head after the attention weights a_j mixed the values.
 
     The weights of a head sum to 1, so sum_j a_j (W v_j + b) = W (sum_j a_j v_j) + b: one product per query.
@@ -108,11 +97,12 @@ class ValueProjection(HeadBlockLinear):
         return torch.baddbmm(bias, mixed_values.transpose(0, 1), weight).transpose(0, 1)
 
 
-class RegionToPointAttention(nn.Module):
+class TokenPackerRegionToPointAttention(nn.Module):
     """Multi-head attention in which each query sees only the keys and values of its own region.
 
-    With one query per region, the key and value projections act through the query (`KeyProjection`,
-    `ValueProjection`): the same attention, without projecting the `region_size` keys and values of every region.
+    With one query per region, the key and value projections act through the query
+    (`TokenPackerKeyProjection`, `TokenPackerValueProjection`): the same attention, without projecting the
+    `region_size` keys and values of every region.
     """
 
     def __init__(self, hidden_size: int, num_heads: int):
@@ -120,8 +110,8 @@ class RegionToPointAttention(nn.Module):
         self.num_heads = num_heads
         self.head_dim = hidden_size // num_heads
         self.q_proj = nn.Linear(hidden_size, hidden_size)
-        self.k_proj = KeyProjection(hidden_size, num_heads)
-        self.v_proj = ValueProjection(hidden_size, num_heads)
+        self.k_proj = TokenPackerKeyProjection(hidden_size, num_heads)
+        self.v_proj = TokenPackerValueProjection(hidden_size, num_heads)
         self.out_proj = nn.Linear(hidden_size, hidden_size)
 
     def forward(self, queries: torch.Tensor, region_keys: torch.Tensor, region_values: torch.Tensor) -> torch.Tensor:
@@ -160,7 +150,7 @@ class TokenPackerProjector(nn.Module):
         self.key_norm = nn.LayerNorm(width, eps=eps)
         self.value_proj = TokenPackerMLP(multi_level_size, width, width, act)
         self.value_norm = nn.LayerNorm(width, eps=eps)
-        self.attention = RegionToPointAttention(width, config.projector_num_heads)
+        self.attention = TokenPackerRegionToPointAttention(width, config.projector_num_heads)
         self.output_proj = TokenPackerMLP(width, text_size, text_size, act)
 
     def coarse_queries(self, patch_features: torch.Tensor) -> torch.Tensor:
@@ -188,15 +178,8 @@ class TokenPackerProjector(nn.Module):
         return self.output_proj(packed.view(crops, -1, packed.shape[-1]))  # (crops, (grid/s)**2, text hidden)
 
 
-class TokenPackerPreTrainedModel(RemoteCodeMixin, PreTrainedModel):
+class TokenPackerPreTrainedModel(PreTrainedModel):
     config: TokenPackerConfig
-    remote_code_auto_map = {
-        "config.json": {
-            "AutoConfig": "configuration_tokenpacker.TokenPackerConfig",
-            "AutoModel": "modeling_tokenpacker.TokenPackerModel",
-            "AutoModelForImageTextToText": "modeling_tokenpacker.TokenPackerForConditionalGeneration",
-        }
-    }
     base_model_prefix = "model"
     input_modalities = ("image", "text")
     supports_gradient_checkpointing = True
@@ -209,7 +192,7 @@ class TokenPackerPreTrainedModel(RemoteCodeMixin, PreTrainedModel):
     def _init_weights(self, module):
         if isinstance(module, TokenPackerProjector):
             for linear in module.modules():
-                if isinstance(linear, (nn.Linear, HeadBlockLinear)):
+                if isinstance(linear, (nn.Linear, TokenPackerHeadBlockLinear)):
                     init.trunc_normal_(linear.weight, std=self.config.initializer_range)
                     if linear.bias is not None:
                         init.zeros_(linear.bias)
@@ -442,69 +425,6 @@ class TokenPackerForConditionalGeneration(TokenPackerPreTrainedModel, Generation
         """(crops, 3, H, W) pixel values -> `pooler_output`: (crops, tokens per crop, text hidden), see the base."""
         return self.model.get_image_features(pixel_values, **kwargs)
 
-    @classmethod
-    def from_vision_and_text(
-        cls,
-        vision_model_or_path: str | os.PathLike | PreTrainedModel,
-        text_model_or_path: str | os.PathLike | PreTrainedModel,
-        tokenizer: PreTrainedTokenizerBase | None = None,
-        image_token: str = "<image>",
-        pad_token: str = "<pad>",
-        **config_settings,
-    ) -> "TokenPackerForConditionalGeneration":
-        """A new TokenPacker from a CLIP-like vision tower and a causal language model, with a fresh projector.
-
-        Either model is a folder (or Hub id) or a loaded model; a CLIP-like tower may come as a whole CLIP model (its
-        vision half is used). `tokenizer` is the language model's, loaded from `text_model_or_path` when that is a
-        folder; `image_token` (and `pad_token` if it has no pad token) are added to it in place and the embeddings
-        are resized to match. `config_settings` go to `TokenPackerConfig` (`scale_factor`, `image_aspect_ratio`...);
-        by default the keys and values read 4 levels spread like CLIP ViT-L's (12, 16, 22, 23 of 24 layers), the
-        projector is as wide as the tower, and the "slice" separators are the tokenizer's ',' and '\\n' ids.
-        """
-        vision_config, vision_weights = _vision_tower(
-            _load_pretrained(vision_model_or_path, "vision_model_or_path", _load_vision_tower)
-        )
-        text_model = _load_pretrained(text_model_or_path, "text_model_or_path", AutoModelForCausalLM.from_pretrained)
-        tokenizer = language_model_tokenizer(text_model_or_path, tokenizer)
-        new_tokens = {} if image_token in tokenizer.get_vocab() else {"extra_special_tokens": [image_token]}
-        if tokenizer.pad_token is None:
-            new_tokens["pad_token"] = pad_token
-        tokenizer.add_special_tokens(new_tokens)
-
-        num_layers = vision_config.num_hidden_layers
-        settings = {
-            "multi_level_feature_layers": [num_layers // 2, 2 * num_layers // 3, num_layers - 2, num_layers - 1],
-            "projector_hidden_size": vision_config.hidden_size,
-            "slice_separator_token_id": _token_id(tokenizer, ","),
-            "row_separator_token_id": _token_id(tokenizer, "\n"),
-            **config_settings,
-        }
-        config = TokenPackerConfig(
-            vision_config=vision_config,
-            text_config=copy.deepcopy(text_model.config),
-            image_token_id=tokenizer.convert_tokens_to_ids(image_token),
-            **settings,
-        )
-
-        model = cls(config)
-        missing, unexpected = model.model.vision_tower.load_state_dict(vision_weights, strict=False)
-        unexpected = [key for key in unexpected if not _is_unused_layer(key, config.num_vision_layers_used)]
-        if missing or unexpected:
-            raise ValueError(
-                f"The vision tower's weights do not fit a {type(model.model.vision_tower).__name__}: "
-                f"missing {missing}, unexpected {unexpected}"
-            )
-        model.model.language_model.load_state_dict(text_model.get_decoder().state_dict())
-        model.lm_head.load_state_dict(text_model.get_output_embeddings().state_dict())
-        num_text_tokens = model.get_input_embeddings().num_embeddings
-        model.resize_token_embeddings(len(tokenizer))
-        _spread_added_rows(model.get_input_embeddings().weight, num_text_tokens)
-        model.config.text_config.pad_token_id = tokenizer.pad_token_id
-        if text_model.generation_config is not None:
-            model.generation_config = GenerationConfig.from_dict(text_model.generation_config.to_dict())
-        model.generation_config.pad_token_id = tokenizer.pad_token_id
-        return model
-
     @can_return_tuple
     @accepts_past_key_values
     def forward(
@@ -576,77 +496,9 @@ class TokenPackerForConditionalGeneration(TokenPackerPreTrainedModel, Generation
         return input_ids, model_kwargs
 
 
-def language_model_tokenizer(
-    text_model_or_path: str | os.PathLike | PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None = None
-) -> PreTrainedTokenizerBase:
-    """`tokenizer` when given, else the tokenizer saved with the language model (a folder or Hub id)."""
-    if tokenizer is None:
-        if isinstance(text_model_or_path, PreTrainedModel):
-            raise ValueError("Pass the language model's tokenizer: text_model_or_path is a model object, not a folder")
-        tokenizer = AutoTokenizer.from_pretrained(text_model_or_path)
-    if not isinstance(tokenizer, PreTrainedTokenizerBase):
-        raise TypeError(f"tokenizer must be a transformers tokenizer, got {type(tokenizer).__name__}")
-    return tokenizer
-
-
 def _check_is_tensor(name: str, value):
     if value is not None and not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
-
-
-@torch.no_grad()
-def _spread_added_rows(embedding_weight: torch.Tensor, num_old_rows: int):
-    """Moves the rows added past `num_old_rows` a tenth of the old rows' spread apart (normal noise per dimension).
-
-    transformers' mean resizing puts new rows at the old rows' mean, with a noise of 3e-5 of their spread that rounding
-    to half precision mostly erases, or none at all when the old rows' covariance is singular: `<image>` and `<pad>`
-    would share one row, and `inputs_embeds` could not tell image positions from padding.
-    """
-    num_added = embedding_weight.shape[0] - num_old_rows
-    if num_added > 0:
-        spread = embedding_weight[:num_old_rows].float().std(dim=0)
-        noise = torch.randn(num_added, embedding_weight.shape[1], device=embedding_weight.device) * spread / 10
-        embedding_weight[num_old_rows:] += noise.to(embedding_weight.dtype)
-
-
-def _load_pretrained(model_or_path, name: str, load):
-    """A model object as it is, or `load(path)` for a folder or Hub id."""
-    if isinstance(model_or_path, PreTrainedModel):
-        return model_or_path
-    if isinstance(model_or_path, (str, os.PathLike)):
-        return load(model_or_path)
-    raise TypeError(f"{name} must be a folder, a Hub id or a PreTrainedModel, got {type(model_or_path).__name__}")
-
-
-def _load_vision_tower(path: str | os.PathLike) -> PreTrainedModel:
-    """The vision model of a folder: the whole checkpoint, or the vision half of a CLIP-like dual encoder."""
-    config = AutoConfig.from_pretrained(path)
-    return AutoModel.from_pretrained(path, config=getattr(config, "vision_config", config))
-
-
-def _vision_tower(model: PreTrainedModel) -> tuple:
-    """(config, weights) of a vision model, or of the vision half of a CLIP-like dual encoder."""
-    vision_config = getattr(model.config, "vision_config", None)
-    if vision_config is not None and hasattr(model, "vision_model"):
-        return copy.deepcopy(vision_config), model.vision_model.state_dict()
-    return copy.deepcopy(model.config), model.state_dict()
-
-
-def _is_unused_layer(key: str, num_layers_used: int) -> bool:
-    """Whether a vision weight belongs to an encoder layer past the deepest one the projector reads."""
-    match = re.match(r"encoder\.layers\.(\d+)\.", key)
-    return match is not None and int(match.group(1)) >= num_layers_used
-
-
-def _token_id(tokenizer: PreTrainedTokenizerBase, token: str) -> int:
-    """What the original's `convert_tokens_to_ids` gives: the token's id, or the unknown-token id."""
-    token_id = tokenizer.convert_tokens_to_ids(token)
-    if token_id is None:
-        raise ValueError(
-            f"The tokenizer has neither {token!r} nor an unknown token; pass slice_separator_token_id and "
-            "row_separator_token_id explicitly"
-        )
-    return token_id
 
 
 __all__ = ["TokenPackerForConditionalGeneration", "TokenPackerModel", "TokenPackerPreTrainedModel", "TokenPackerProjector"]

@@ -23,7 +23,6 @@ from transformers.image_processing_utils import BatchFeature
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PILImageResampling, SizeDict
 from transformers.processing_utils import ImagesKwargs, Unpack
 
-from ..configuration.configuration_tokenpacker import RemoteCodeMixin
 
 # Candidate (h_block, w_block) grids of TokenPacker-HD per largest crop count, in the original's order (the first
 # best-scoring grid wins, so the order matters; the 25 table lists (4, 6) and (6, 4) twice, as the original does).
@@ -128,7 +127,7 @@ class TokenPackerImageProcessorKwargs(ImagesKwargs, total=False):
     max_url_bytes: int | None
 
 
-class TokenPackerImageProcessor(RemoteCodeMixin, PilBackend):
+class TokenPackerImageProcessor(PilBackend):
     r"""
     Turns images into the 336x336 crops TokenPacker's vision tower reads, the way the original TokenPacker did.
 
@@ -153,9 +152,6 @@ class TokenPackerImageProcessor(RemoteCodeMixin, PilBackend):
 
     valid_kwargs = TokenPackerImageProcessorKwargs
     model_input_names = ["pixel_values", "image_grids"]
-    remote_code_auto_map = {
-        "preprocessor_config.json": {"AutoImageProcessor": "image_processing_tokenpacker.TokenPackerImageProcessor"}
-    }
 
     image_aspect_ratio = "pad"
     max_slices = 9

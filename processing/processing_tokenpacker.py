@@ -8,7 +8,6 @@ from transformers import BatchFeature, ProcessorMixin
 from transformers.image_utils import is_valid_image
 from transformers.processing_utils import MultiModalData, ProcessingKwargs
 
-from ..configuration.configuration_tokenpacker import RemoteCodeMixin
 from .image_processing_tokenpacker import TokenPackerImageProcessor, select_slice_grid
 
 IMAGE_TOKEN = "<image>"
@@ -58,7 +57,7 @@ class TokenPackerProcessorKwargs(ProcessingKwargs, total=False):
     _defaults = {"text_kwargs": {"padding": True, "padding_side": "left", "return_tensors": "pt"}}
 
 
-class TokenPackerProcessor(RemoteCodeMixin, ProcessorMixin):
+class TokenPackerProcessor(ProcessorMixin):
     r"""
     Turns images and prompts into TokenPacker's inputs, exactly as the original LLaVA-1.5 code does.
 
@@ -92,13 +91,6 @@ class TokenPackerProcessor(RemoteCodeMixin, ProcessorMixin):
     """
 
     valid_processor_kwargs = TokenPackerProcessorKwargs
-    remote_code_auto_map = {
-        location: {
-            "AutoProcessor": "processing_tokenpacker.TokenPackerProcessor",
-            "AutoImageProcessor": "image_processing_tokenpacker.TokenPackerImageProcessor",
-        }
-        for location in ("processor_config.json", "processor_config.json/image_processor", "preprocessor_config.json")
-    } | {"tokenizer_config.json": {"AutoProcessor": "processing_tokenpacker.TokenPackerProcessor"}}
     supported_text_kwargs = (
         "add_special_tokens",
         "padding",

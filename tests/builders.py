@@ -94,11 +94,15 @@ def tiny_processor(folder, image_aspect_ratio="pad"):
 
 
 def tiny_checkpoint_folder(folder, image_aspect_ratio="pad"):
-    """Saves a tiny random TokenPackerForConditionalGeneration and its processor in `folder`, like a Hub folder."""
+    """Saves a tiny random TokenPackerForConditionalGeneration and its processor in `folder`, and exports the remote
+    code: a Hub folder."""
     import torch
 
+    from tokenpacker import export_remote_code
     from tokenpacker.demo import save_random_checkpoint
 
     torch.manual_seed(0)  # the same weights whatever ran before
     model_file = train_sentencepiece(folder / "tokenizer.model")
-    return save_random_checkpoint(folder, tiny_chat_config(model_file, image_aspect_ratio), model_file)
+    save_random_checkpoint(folder, tiny_chat_config(model_file, image_aspect_ratio), model_file)
+    export_remote_code(folder)
+    return folder

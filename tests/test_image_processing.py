@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import AutoImageProcessor, CLIPImageProcessorPil
 
-from tokenpacker import TokenPackerImageProcessor
+from tokenpacker import TokenPackerImageProcessor, export_remote_code
 from tokenpacker.processing.image_processing_tokenpacker import select_slice_grid
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -313,10 +313,12 @@ def test_num_crops_counts_blocks_and_the_thumbnail():
 def test_save_and_load_round_trip_through_auto_image_processor(tmp_path):
     processor = TokenPackerImageProcessor(image_aspect_ratio="slice", max_slices=16)
     processor.save_pretrained(tmp_path)
+    assert "auto_map" not in json.loads((tmp_path / "preprocessor_config.json").read_text())
+    export_remote_code(tmp_path)
     saved = json.loads((tmp_path / "preprocessor_config.json").read_text())
     assert saved["image_processor_type"] == "TokenPackerImageProcessor"
     assert saved["image_aspect_ratio"] == "slice" and saved["max_slices"] == 16
-    assert saved["auto_map"] == {"AutoImageProcessor": "image_processing_tokenpacker.TokenPackerImageProcessor"}
+    assert saved["auto_map"]["AutoImageProcessor"] == "image_processing_tokenpacker.TokenPackerImageProcessor"
     for loaded in (TokenPackerImageProcessor.from_pretrained(tmp_path), AutoImageProcessor.from_pretrained(tmp_path)):
         assert type(loaded) is TokenPackerImageProcessor
         settings = loaded.to_dict()

@@ -8,7 +8,7 @@ import torch
 from tokenizers import Tokenizer, models
 from transformers import CLIPConfig, CLIPModel, DynamicCache, PreTrainedTokenizerFast
 
-from tokenpacker import TokenPackerForConditionalGeneration
+from tokenpacker import TokenPackerForConditionalGeneration, from_vision_and_text
 from tokenpacker.configuration.compat_tokenpacker import CACHE_NAME
 
 from .builders import IMAGE_TOKEN_ID, tiny_config
@@ -215,7 +215,7 @@ def test_from_vision_and_text_gives_image_and_pad_rows_of_their_own(num_pieces):
     clip = CLIPModel(CLIPConfig(vision_config=VISION, text_config=text))
     llm = tiny_llama(num_pieces)
     tokenizer = tokenizer_without_image_and_pad(pieces)
-    model = TokenPackerForConditionalGeneration.from_vision_and_text(clip, llm, tokenizer=tokenizer, scale_factor=3)
+    model = from_vision_and_text(clip, llm, tokenizer=tokenizer, scale_factor=3)
     image_id, pad_id = tokenizer.convert_tokens_to_ids(["<image>", "<pad>"])
     assert (image_id, pad_id) == (num_pieces, num_pieces + 1)
     weight = model.get_input_embeddings().weight.detach()

@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from PIL import Image
 from transformers import AutoProcessor
 
-from tokenpacker import TokenPackerForConditionalGeneration, TokenPackerProcessor
+from tokenpacker import TokenPackerForConditionalGeneration, TokenPackerProcessor, export_remote_code
 from tokenpacker.conversion.publish import main, publish_folder
 
 from .builders import IMAGE_TOKEN_ID, tiny_config, tiny_processor
@@ -63,6 +63,7 @@ def tiny_model():
 
 def save_checkpoint(model, folder: Path, **save_kwargs) -> Path:
     model.save_pretrained(folder, **save_kwargs)
+    export_remote_code(folder)
     (folder / "README.md").write_text(CARD, encoding="utf-8")
     return folder
 
@@ -93,8 +94,9 @@ def test_round_trip_publish_download_and_generate_in_a_fresh_process(hub, tiny_m
     assert len(repo.commits) == 2  # the repository's initial commit, then the whole folder in one commit
     assert sorted(head.operations) == [
         ("file", "README.md"), ("file", "compat_tokenpacker.py"), ("file", "config.json"),
-        ("file", "configuration_tokenpacker.py"),
-        ("file", "generation_config.json"), ("file", "modeling_tokenpacker.py"), ("lfsFile", "model.safetensors"),
+        ("file", "configuration_tokenpacker.py"), ("file", "generation_config.json"),
+        ("file", "image_processing_tokenpacker.py"), ("file", "modeling_tokenpacker.py"),
+        ("file", "processing_tokenpacker.py"), ("lfsFile", "model.safetensors"),
     ]
     weights = (checkpoint / "model.safetensors").read_bytes()
     assert hub.lfs_objects == {hashlib.sha256(weights).hexdigest(): weights}
@@ -367,8 +369,8 @@ def test_a_forbidden_repository_is_refused(hub, checkpoint, capsys):
 @pytest.mark.parametrize(
     ("failure", "message"),
     [
-        ({"status": 500}, "the Hub failed with a server error (500) while uploading 7 files to alice/tiny"),
-        ({"drop": True}, "the connection to {endpoint} failed while uploading 7 files to alice/tiny (RemoteProtocol"),
+        ({"status": 500}, "the Hub failed with a server error (500) while uploading 9 files to alice/tiny"),
+        ({"drop": True}, "the connection to {endpoint} failed while uploading 9 files to alice/tiny (RemoteProtocol"),
     ],
 )
 def test_a_failed_commit_publishes_nothing_and_a_rerun_completes_it(hub, checkpoint, capsys, failure, message):

@@ -9,18 +9,26 @@ import torch
 from safetensors.torch import save_file
 from transformers import AutoConfig, AutoModelForImageTextToText
 
-from tokenpacker import TokenPackerConfig, TokenPackerForConditionalGeneration
+from tokenpacker import TokenPackerConfig, TokenPackerForConditionalGeneration, export_remote_code
 
 from .builders import IMAGE_TOKEN_ID, tiny_checkpoint_folder, tiny_config
 from .remote_process import run_without_tokenpacker
 
-REMOTE_FILES = {"compat_tokenpacker.py", "configuration_tokenpacker.py", "modeling_tokenpacker.py"}
+REMOTE_FILES = {
+    "compat_tokenpacker.py",
+    "configuration_tokenpacker.py",
+    "modeling_tokenpacker.py",
+    "image_processing_tokenpacker.py",
+    "processing_tokenpacker.py",
+}
 
 
 def saved_model(folder):
+    """A tiny random model saved with save_pretrained, and its remote code exported."""
     model = TokenPackerForConditionalGeneration(tiny_config()).eval()
     model.generation_config.suppress_tokens = [IMAGE_TOKEN_ID]
     model.save_pretrained(folder)
+    export_remote_code(folder)
     return model
 
 
@@ -34,7 +42,22 @@ def generate_inputs(folder):
     return inputs
 
 
-def test_saved_folder_holds_weights_configs_and_flat_code_only(tmp_path):
+def test_save_pretrained_writes_weights_and_settings_only(tmp_path):
+    model = TokenPackerForConditionalGeneration(tiny_config())
+    model.save_pretrained(tmp_path)
+    assert {path.name for path in tmp_path.iterdir()} == {"config.json", "generation_config.json", "model.safetensors"}
+    assert "auto_map" not in json.loads((tmp_path / "config.json").read_text())
+
+
+def test_export_refuses_what_is_not_a_saved_folder(tmp_path):
+    with pytest.raises(ValueError, match="is not a directory"):
+        export_remote_code(tmp_path / "absent")
+    with pytest.raises(ValueError, match="holds none of config.json, preprocessor_config.json, processor_config.json"):
+        export_remote_code(tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_exported_folder_holds_weights_configs_and_flat_code_only(tmp_path):
     saved_model(tmp_path)
     files = {path.name for path in tmp_path.iterdir()}
     assert files == {"config.json", "generation_config.json", "model.safetensors"} | REMOTE_FILES
@@ -49,7 +72,7 @@ def test_saved_folder_holds_weights_configs_and_flat_code_only(tmp_path):
 def test_exported_code_imports_only_transformers_torch_and_itself(tmp_path):
     saved_model(tmp_path)
     allowed = {"transformers", "torch", *sys.stdlib_module_names}  # and what transformers itself depends on:
-    allowed |= {"numpy", "PIL", "huggingface_hub"}
+    allowed |= {"numpy", "PIL", "huggingface_hub", "safetensors", "httpx2"}
     for name in REMOTE_FILES:
         tree = ast.parse((tmp_path / name).read_text())
         for node in ast.walk(tree):
@@ -108,7 +131,10 @@ def test_fresh_process_without_tokenpacker_generates_the_same_ids(tmp_path):
     assert remote["base"] == "TokenPackerModel" and remote["tokens"] == 36
     assert remote["loaded"] == []
     assert remote["ids"] == expected.tolist()
-    for name in REMOTE_FILES:  # saving from the remote code reproduces the same code
+    # saving from the remote code reproduces the code defining the model (transformers copies those files)
+    resaved = {name for name in REMOTE_FILES if (tmp_path / "resaved" / name).is_file()}
+    assert resaved == {"compat_tokenpacker.py", "configuration_tokenpacker.py", "modeling_tokenpacker.py"}
+    for name in resaved:
         assert (tmp_path / "resaved" / name).read_text() == (folder / name).read_text()
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from tokenpacker import TokenPackerForConditionalGeneration, TokenPackerProcessor
+from tokenpacker import TokenPackerForConditionalGeneration, TokenPackerProcessor, export_remote_code
 from tokenpacker.shapes import (
     BACKGROUND,
     COLOURS,
@@ -95,11 +95,12 @@ def test_the_shipped_folder_holds_weights_and_settings_only():
 
 @pytest.fixture
 def trained_folder(tmp_path, shipped):
-    """A folder as the Trainer saves it: weights, processor, the generated remote code and a pickle."""
+    """A folder as tokenpacker-train leaves it: weights, processor, the exported remote code and a pickle."""
     model, processor = shipped
     folder = tmp_path / "trained"
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
+    export_remote_code(folder)
     (folder / "training_args.bin").write_bytes(b"pickled arguments")
     assert (folder / "modeling_tokenpacker.py").is_file() and "auto_map" in (folder / "config.json").read_text()
     return folder

@@ -2,6 +2,7 @@
 frozen parameters, Trainer checkpoints and LoRA."""
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -20,7 +21,8 @@ from transformers import (
     LlamaForCausalLM,
 )
 
-from tokenpacker import TokenPackerForConditionalGeneration, TokenPackerProcessor
+from tokenpacker import TokenPackerForConditionalGeneration, TokenPackerProcessor, from_vision_and_text
+from tokenpacker.building import build_model_and_processor
 from tokenpacker.configuration.compat_tokenpacker import training_activation_checkpointing_argument
 from tokenpacker.shapes import render_scene, train_tokenizer, write_dataset
 from tokenpacker.training import (
@@ -29,7 +31,6 @@ from tokenpacker.training import (
     DataArguments,
     ModelArguments,
     TokenPackerTrainingArguments,
-    build_model_and_processor,
     chat_messages,
     encode_conversation,
     main,
@@ -107,7 +108,7 @@ def test_from_vision_and_text_keeps_both_models_weights_and_adds_the_tokens():
         bos_token="<s>",
         eos_token="</s>",
     )
-    model = TokenPackerForConditionalGeneration.from_vision_and_text(clip, llm, tokenizer=tokenizer, scale_factor=3)
+    model = from_vision_and_text(clip, llm, tokenizer=tokenizer, scale_factor=3)
 
     assert tokenizer.convert_tokens_to_ids(["<image>", "<pad>"]) == [6, 7]
     config = model.config
@@ -122,16 +123,44 @@ def test_from_vision_and_text_keeps_both_models_weights_and_adds_the_tokens():
     assert torch.equal(model.get_input_embeddings().weight[:6], llm.model.embed_tokens.weight)
     assert torch.equal(model.lm_head.weight[:6], llm.lm_head.weight)
     assert model.lm_head.weight.shape == (8, 64)
+    assert (model.generation_config.pad_token_id, model.generation_config.suppress_tokens) == (7, [6, 7])
+
+
+def test_a_whole_clip_folder_gives_its_vision_half_without_a_load_report(workspace, tmp_path, caplog):
+    torch.manual_seed(0)
+    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4)
+    clip = CLIPModel(CLIPConfig(vision_config=VISION, text_config=text))
+    clip.save_pretrained(tmp_path / "clip")
+    with caplog.at_level(logging.INFO):
+        model = from_vision_and_text(tmp_path / "clip", workspace / "text", **SETTINGS)
+    messages = [record.getMessage() for record in caplog.records]
+    assert not [message for message in messages if "UNEXPECTED" in message or "LOAD REPORT" in message]
+    tower = model.model.vision_tower
+    assert torch.equal(tower.encoder.layers[3].mlp.fc1.weight, clip.vision_model.encoder.layers[3].mlp.fc1.weight)
+    assert torch.equal(tower.post_layernorm.weight, clip.vision_model.post_layernorm.weight)
+
+
+def test_a_clip_folder_that_lacks_vision_weights_is_refused(workspace, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4)
+    CLIPModel(CLIPConfig(vision_config=VISION, text_config=text)).save_pretrained(tmp_path / "clip")
+    weights = load_file(tmp_path / "clip" / "model.safetensors")
+    del weights["vision_model.encoder.layers.1.mlp.fc2.weight"]
+    save_file(weights, tmp_path / "clip" / "model.safetensors", metadata={"format": "pt"})
+    missing = r"does not fit its CLIPModel: missing keys: \[.*encoder\.layers\.1\.mlp\.fc2\.weight"
+    with pytest.raises(ValueError, match=missing):
+        from_vision_and_text(tmp_path / "clip", workspace / "text", **SETTINGS)
 
 
 def test_from_vision_and_text_rejects_what_it_cannot_use(workspace):
     with pytest.raises(ValueError, match="Pass the language model's tokenizer: text_model_or_path is a model object"):
-        TokenPackerForConditionalGeneration.from_vision_and_text(workspace / "vision", tiny_llama(PIECES))
+        from_vision_and_text(workspace / "vision", tiny_llama(PIECES))
     with pytest.raises(TypeError, match="vision_model_or_path must be a folder, a Hub id or a PreTrainedModel, got int"):
-        TokenPackerForConditionalGeneration.from_vision_and_text(3, workspace / "text")
+        from_vision_and_text(3, workspace / "text")
     shallow = CLIPVisionModel(CLIPVisionConfig(**{**VISION, "num_hidden_layers": 2}))
     with pytest.raises(ValueError, match="multi_level_feature_layers must index the vision tower's 3 hidden states"):
-        TokenPackerForConditionalGeneration.from_vision_and_text(shallow, workspace / "text", **SETTINGS)
+        from_vision_and_text(shallow, workspace / "text", **SETTINGS)
 
 
 def test_the_processor_matches_the_model_and_the_tower_normalization(workspace):
@@ -266,6 +295,13 @@ def test_stage_1_trains_the_projector_only(workspace):
     data_args = DataArguments(data_path=str(workspace / "data" / "train.json"))
     torch.manual_seed(0)
     trainer = train(model_args, data_args, training_args(workspace, "stage1"))
+    # the output is a Hub folder: the remote code is exported beside the weights and the processor
+    output = workspace / "stage1"
+    assert {"modeling_tokenpacker.py", "processing_tokenpacker.py", "compat_tokenpacker.py"} <= set(os.listdir(output))
+    assert json.loads((output / "config.json").read_text())["auto_map"]["AutoModelForImageTextToText"] == (
+        "modeling_tokenpacker.TokenPackerForConditionalGeneration"
+    )
+    assert "AutoProcessor" in json.loads((output / "processor_config.json").read_text())["auto_map"]
     trained = trainer.model.state_dict()
     torch.manual_seed(0)
     initial, _ = new_model(workspace)  # the same new model: same folders, same random projector and new embeddings

@@ -2,6 +2,7 @@
 
 from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForImageTextToText, AutoProcessor
 
+from .building import from_vision_and_text
 from .configuration import TokenPackerConfig
 from .modeling import (
     TokenPackerForConditionalGeneration,
@@ -10,6 +11,7 @@ from .modeling import (
     TokenPackerProjector,
 )
 from .processing import TokenPackerImageProcessor, TokenPackerProcessor
+from .remote_code import export_remote_code
 
 __version__ = "0.1.0"
 
@@ -30,4 +32,6 @@ __all__ = [
     "TokenPackerProcessor",
     "TokenPackerProjector",
     "__version__",
+    "export_remote_code",
+    "from_vision_and_text",
 ]

@@ -24,6 +24,7 @@ from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor, pipeline
 
 from . import TokenPackerConfig, TokenPackerForConditionalGeneration, TokenPackerProcessor, __version__
+from .building import generation_config_for
 from .conversion import fast_tokenizer_from_sentencepiece, train_llama_sentencepiece
 from .shapes import PRETRAINED, QUESTIONS, render_scene
 
@@ -85,7 +86,8 @@ def save_random_checkpoint(
     """Saves a TokenPackerForConditionalGeneration with random weights and its processor in `folder`.
 
     The tokenizer comes from the sentencepiece `model_file`. Generation is kept from emitting `<image>` and `<pad>`,
-    which a random model could otherwise pick.
+    which a random model could otherwise pick. The folder is for this package (the demo loads it with tokenpacker
+    installed), so no remote code is exported into it.
     """
     folder = Path(folder)
     tokenizer = fast_tokenizer_from_sentencepiece(model_file)
@@ -95,11 +97,7 @@ def save_random_checkpoint(
         )
     processor = TokenPackerProcessor.from_model_config(config, tokenizer)
     model = TokenPackerForConditionalGeneration(config).eval()
-    generation = model.generation_config
-    generation.bos_token_id = tokenizer.bos_token_id
-    generation.eos_token_id = tokenizer.eos_token_id
-    generation.pad_token_id = tokenizer.pad_token_id
-    generation.suppress_tokens = [config.image_token_id, tokenizer.pad_token_id]
+    model.generation_config = generation_config_for(config, tokenizer.pad_token_id)
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
     return folder

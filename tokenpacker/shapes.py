@@ -29,7 +29,7 @@ from .conversion import fast_tokenizer_from_sentencepiece, train_llama_sentencep
 from .processing.processing_tokenpacker import VICUNA_V1_SYSTEM_PROMPT
 
 PRETRAINED = Path(__file__).parent / "pretrained" / "tiny-shapes"
-# What a shipped model keeps of a trained folder: the package's own classes load it, so the generated remote code (and
+# What a shipped model keeps of a trained folder: the package's own classes load it, so the exported remote code (and
 # the auto_map entries naming it) is left out, and so are the Trainer's pickled arguments.
 SHIPPED_FILES = (
     "config.json",

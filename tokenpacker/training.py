@@ -22,15 +22,15 @@ import torch
 from PIL import Image
 from torch import nn
 from torch.utils.data import Dataset
-from transformers import HfArgumentParser, PreTrainedModel, Trainer, TrainingArguments, set_seed
+from transformers import HfArgumentParser, Trainer, TrainingArguments, set_seed
 from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.utils import is_torch_bf16_gpu_available, is_torch_xla_available
-from transformers.utils import IMAGE_PROCESSOR_NAME, cached_file
 
+from .building import build_model_and_processor
 from .configuration.compat_tokenpacker import training_activation_checkpointing_argument
 from .modeling import TokenPackerForConditionalGeneration
-from .modeling.modeling_tokenpacker import language_model_tokenizer
 from .processing import TokenPackerProcessor
+from .remote_code import export_remote_code
 
 IGNORE_INDEX = -100
 CONVERSATION_FORMATS = ("vicuna_v1", "plain")
@@ -331,28 +331,6 @@ def add_lora(model, model_args: ModelArguments):
     return get_peft_model(model, config)
 
 
-def build_model_and_processor(
-    vision_model_or_path, text_model_or_path, tokenizer=None, **config_settings
-) -> tuple[TokenPackerForConditionalGeneration, TokenPackerProcessor]:
-    """A new model (see `TokenPackerForConditionalGeneration.from_vision_and_text`) and its processor.
-
-    The image processor normalizes with the vision tower's own mean and standard deviation when its folder has an
-    image processor configuration, and with CLIP's otherwise.
-    """
-    tokenizer = language_model_tokenizer(text_model_or_path, tokenizer)
-    model = TokenPackerForConditionalGeneration.from_vision_and_text(
-        vision_model_or_path, text_model_or_path, tokenizer=tokenizer, **config_settings
-    )
-    normalization = {}
-    if not isinstance(vision_model_or_path, PreTrainedModel):
-        settings_file = cached_file(vision_model_or_path, IMAGE_PROCESSOR_NAME, _raise_exceptions_for_missing_entries=False)
-        if settings_file is not None:
-            tower_settings = json.loads(Path(settings_file).read_text())
-            normalization = {key: tower_settings[key] for key in ("image_mean", "image_std") if key in tower_settings}
-    processor = TokenPackerProcessor.from_model_config(model.config, tokenizer, **normalization)
-    return model, processor
-
-
 def load_model_and_processor(model_args: ModelArguments) -> tuple[TokenPackerForConditionalGeneration, TokenPackerProcessor]:
     """A TokenPacker folder with its processor, or a new model built from a vision tower and a language model."""
     if model_args.model_name_or_path is not None:
@@ -364,13 +342,16 @@ def load_model_and_processor(model_args: ModelArguments) -> tuple[TokenPackerFor
 
 
 def save_trained(trainer: Trainer, processor: TokenPackerProcessor, output_dir: str):
-    """Saves the trained model as a plain TokenPacker folder; LoRA adapters are merged into the language model."""
+    """Saves the trained model as a Hub folder (weights, processor and the exported remote code); LoRA adapters are
+    merged into the language model."""
     model = trainer.accelerator.unwrap_model(trainer.model)
     if not hasattr(model, "merge_and_unload"):
         trainer.save_model(output_dir)
     elif trainer.is_world_process_zero():
         model.merge_and_unload().save_pretrained(output_dir)
         processor.save_pretrained(output_dir)
+    if trainer.is_world_process_zero():
+        export_remote_code(output_dir)
 
 
 def make_trainer(
