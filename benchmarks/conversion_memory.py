@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 from sentencepiece import sentencepiece_model_pb2
-from tokenpacker.conversion import train_llama_sentencepiece
+from tokenpacker.processing import train_llama_sentencepiece
 
 GB = 10**9
 TEXT = dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, vocab_size=32000)

@@ -41,7 +41,7 @@ from .original_checkpoint import (
 from .publish import PublishError, PublishResult, publish_folder
 from .shards import ShardReader, ShardWriter, parse_size
 from .sizes import ORIGINAL_TEXT, ORIGINAL_VISION, check_sizes_match_weights
-from .tokenizer import IMAGE_TOKEN, fast_tokenizer_from_sentencepiece
+from ..processing.tokenization_tokenpacker import IMAGE_TOKEN, fast_tokenizer_from_sentencepiece
 from .verify import VerificationReport, compare_projector, max_abs_difference
 from .weight_map import CLIP, LLAVA, Mapped, WeightMap, appended_rows
 

@@ -35,7 +35,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from tokenpacker.conversion import convert_checkpoint, fast_tokenizer_from_sentencepiece
+from tokenpacker.conversion import convert_checkpoint
+from tokenpacker.processing import fast_tokenizer_from_sentencepiece
 from tokenpacker.shapes import PRETRAINED, conversation, render_scene
 
 from .builders import train_sentencepiece

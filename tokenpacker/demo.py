@@ -24,7 +24,7 @@ from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor, pipeline
 
 from . import TokenPackerConfig, TokenPackerForConditionalGeneration, TokenPackerProcessor, __version__
-from .conversion import fast_tokenizer_from_sentencepiece, train_llama_sentencepiece
+from .processing import fast_tokenizer_from_sentencepiece, train_llama_sentencepiece
 from .shapes import PRETRAINED, QUESTIONS, render_scene
 
 DEMO_IMAGE = files("tokenpacker") / "assets" / "demo.png"

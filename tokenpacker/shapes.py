@@ -25,7 +25,7 @@ import torch
 from PIL import Image, ImageDraw
 from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from .conversion import fast_tokenizer_from_sentencepiece, train_llama_sentencepiece
+from .processing import fast_tokenizer_from_sentencepiece, train_llama_sentencepiece
 from .processing.processing_tokenpacker import VICUNA_V1_SYSTEM_PROMPT
 
 PRETRAINED = Path(__file__).parent / "pretrained" / "tiny-shapes"
