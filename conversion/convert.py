@@ -27,6 +27,7 @@ from ..configuration.configuration_tokenpacker import write_remote_code
 from ..modeling import TokenPackerForConditionalGeneration
 from ..processing import TokenPackerProcessor
 from .checkpoint_files import CheckpointFiles, ShardContents, TensorInfo
+from .hub_client import DEFAULT_TIMEOUT_S, check_timeout
 from .model_card import model_card
 from .original_checkpoint import (
     DEFAULT_VISION_TOWER,
@@ -436,11 +437,11 @@ def shapes_of(tensors: dict[str, TensorInfo]) -> dict[str, tuple[int, ...]]:
 
 
 def prepare_conversion(
-    checkpoint: str | Path, vision_tower: str | Path, dtype: torch.dtype | None, output: Path
+    checkpoint: str | Path, vision_tower: str | Path, dtype: torch.dtype | None, output: Path, timeout: float
 ) -> PreparedConversion:
     """Reads both sources' configs and tables of contents, builds the config and the tokenizer, maps every tensor."""
     original = LlavaCheckpoint(checkpoint)
-    vision_folder = vision_tower_folder(vision_tower)
+    vision_folder = vision_tower_folder(vision_tower, timeout)
     check_output_is_safe(output, {"the checkpoint folder": original.folder, "the vision tower folder": vision_folder})
     vision_config = read_vision_config(vision_folder)
     vision_files = CheckpointFiles(vision_folder, "vision tower")
@@ -488,6 +489,7 @@ def convert_checkpoint(
     command: str | None = None,
     push_to_hub: str | None = None,
     allow_non_finite: bool = False,
+    timeout: float = DEFAULT_TIMEOUT_S,
 ) -> ConversionResult:
     """Converts an original TokenPacker checkpoint into a safetensors folder that `from_pretrained` loads.
 
@@ -503,6 +505,8 @@ def convert_checkpoint(
         push_to_hub: a Hub repo id to publish the finished folder to (`tokenpacker.conversion.publish.publish_folder`,
             token from HF_TOKEN or the saved login).
         allow_non_finite: convert tensors that hold NaN or inf, or overflow `dtype`, instead of refusing them.
+        timeout: seconds without an answer after which a request to the Hub (downloading the vision tower,
+            publishing) gives up.
     """
     output = Path(output)
     local_sources = {"the checkpoint folder": Path(checkpoint)}
@@ -512,7 +516,8 @@ def convert_checkpoint(
     if (output.exists() or output.is_symlink()) and not force:
         raise FileExistsError(f"{output} already exists; pass --force (force=True) to replace it")
     shard_bytes = parse_size(max_shard_size)
-    prepared = prepare_conversion(checkpoint, vision_tower, resolve_dtype(dtype), output)
+    check_timeout(timeout)
+    prepared = prepare_conversion(checkpoint, vision_tower, resolve_dtype(dtype), output, timeout)
     config, plan = prepared.config, prepared.plan
     command = command or default_command(
         checkpoint, output, vision_tower, dtype, max_shard_size, force, verify, push_to_hub, allow_non_finite
@@ -552,7 +557,7 @@ def convert_checkpoint(
     published = None
     if push_to_hub:
         try:
-            published = publish_folder(output, push_to_hub)
+            published = publish_folder(output, push_to_hub, timeout=timeout)
         except PublishError as error:
             raise PublishError(
                 f"{error} (the converted folder {output} is complete: publish it with tokenpacker-publish)"
@@ -597,6 +602,10 @@ def main(argv: list[str] | None = None) -> int:
         metavar="REPO_ID",
         help="publish the finished folder to this Hub repo (token: HF_TOKEN or login)",
     )
+    parser.add_argument(
+        "--timeout", type=float, default=DEFAULT_TIMEOUT_S, metavar="SECONDS",
+        help=f"give up when the Hub sends no answer for this long (default: {DEFAULT_TIMEOUT_S:g})",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     command = shlex.join(["tokenpacker-convert", *(sys.argv[1:] if argv is None else argv)])
@@ -615,6 +624,7 @@ def main(argv: list[str] | None = None) -> int:
             command=command,
             push_to_hub=args.push_to_hub,
             allow_non_finite=args.allow_non_finite,
+            timeout=args.timeout,
         )
     except (ValueError, TypeError, OSError, PublishError) as error:
         print(f"tokenpacker-convert: error: {error}", file=sys.stderr)

@@ -2,6 +2,7 @@
 the stock CLIP checkpoint it names as its vision tower. Reads and validates both, and derives a TokenPackerConfig."""
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from .checkpoint_files import (
     CheckpointFiles,
     TensorInfo,
 )
+from .hub_client import DEFAULT_TIMEOUT_S, HubTimeout, hub_requests_time_out, timed_out_server
 
 DEFAULT_VISION_TOWER = "openai/clip-vit-large-patch14-336"
 # Fixed in the original code, not in its config: the levels concatenated into keys and values
@@ -169,9 +171,9 @@ def is_hub_repo_id(name: str) -> bool:
     return True
 
 
-def vision_tower_folder(vision_tower: str | Path) -> Path:
+def vision_tower_folder(vision_tower: str | Path, timeout: float = DEFAULT_TIMEOUT_S) -> Path:
     """A local CLIP folder as is; otherwise a Hub repo id `namespace/name`, downloaded (config and one weight format
-    only, with huggingface_hub's connection and download timeouts)."""
+    only; every request gives up after `timeout` seconds without an answer)."""
     path = Path(vision_tower)
     if path.is_dir():
         return path
@@ -179,12 +181,27 @@ def vision_tower_folder(vision_tower: str | Path) -> Path:
         found = "it is a file" if path.exists() else "and it is no Hub repo id of the form namespace/name"
         raise FileNotFoundError(f"The vision tower folder {vision_tower} does not exist ({found})")
     try:
-        return download_vision_tower(str(vision_tower))
+        with hub_requests_time_out(timeout):
+            return download_vision_tower(str(vision_tower))
     except (HfHubHTTPError, OSError, httpx2.HTTPError) as error:  # the offline fallback's errors are OSErrors too
+        timed_out = next((cause for cause in causes(error) if isinstance(cause, HubTimeout)), None)
+        if timed_out is not None:
+            detail = f"{timed_out_server(timed_out, constants.ENDPOINT)} sent {timed_out}"
+        else:
+            detail = f"{type(error).__name__}: {error}"
         raise ValueError(
-            f"Cannot download the vision tower {vision_tower} from the Hub ({type(error).__name__}: {error}); if it "
+            f"Cannot download the vision tower {vision_tower} from the Hub at {constants.ENDPOINT} ({detail}); if it "
             f"is meant as a local folder, {vision_tower} does not exist"
         ) from error
+
+
+def causes(error: BaseException) -> Iterator[BaseException]:
+    """`error` and the errors it was raised from or while handling."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        yield error
+        error = error.__cause__ or error.__context__
 
 
 def download_vision_tower(repo_id: str) -> Path:

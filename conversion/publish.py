@@ -27,14 +27,14 @@ import httpx2
 import numpy as np
 import torch
 import yaml
-from huggingface_hub import CommitInfo, CommitOperationAdd, HfApi, ModelCard, get_token, set_client_factory
+from huggingface_hub import CommitInfo, CommitOperationAdd, HfApi, ModelCard, get_token
 from huggingface_hub.errors import HfHubHTTPError
 from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, HFValidationError, filter_repo_objects, validate_repo_id
-from huggingface_hub.utils._http import default_client_factory, hf_request_event_hook
 from safetensors import SafetensorError, safe_open
 
 from ..configuration import TokenPackerConfig
 from ..modeling import TokenPackerForConditionalGeneration
+from .hub_client import DEFAULT_TIMEOUT_S, HubTimeout, check_timeout, hub_requests_time_out, timed_out_server
 from .sizes import check_model_sizes
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
@@ -42,7 +42,6 @@ PIPELINE_TAG = "image-text-to-text"
 SINGLE_WEIGHTS = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
 DEFAULT_COMMIT_MESSAGE = "Upload TokenPacker checkpoint"
-DEFAULT_TIMEOUT_S = 60.0
 RETRY_HINT = "nothing was published; run the command again"
 SNIFF_BYTES = 64
 COMPRESSED_SNIFF_BYTES = 64 * 1024  # also enough for an array header
@@ -64,36 +63,6 @@ COMPRESSED_STREAMS = {
 
 class PublishError(RuntimeError):
     """The Hub or the connection to it refused the upload."""
-
-
-class HubTimeout(httpx2.TransportError):
-    """A request got no answer in time. Not one of the errors huggingface_hub retries: the command stops at once."""
-
-
-class TimeLimitedClient(httpx2.Client):
-    """An HTTP client that sends every request with the client's timeout, whatever timeout the caller passed."""
-
-    def send(self, request: httpx2.Request, **kwargs) -> httpx2.Response:
-        request.extensions["timeout"] = self.timeout.as_dict()
-        try:
-            return super().send(request, **kwargs)
-        except httpx2.TimeoutException as err:
-            raise HubTimeout(f"no answer within {self.timeout.read:g} s", request=request) from err
-
-
-@contextmanager
-def hub_requests_time_out(seconds: float) -> Iterator[None]:
-    """Makes every request huggingface_hub sends (API calls and uploads to storage) give up after `seconds`."""
-
-    def client_factory() -> httpx2.Client:
-        hooks = {"request": [hf_request_event_hook]}
-        return TimeLimitedClient(event_hooks=hooks, follow_redirects=True, timeout=seconds)
-
-    set_client_factory(client_factory)
-    try:
-        yield
-    finally:
-        set_client_factory(default_client_factory)
 
 
 @dataclass(frozen=True)
@@ -368,10 +337,7 @@ def hub_step(action: str, endpoint: str) -> Iterator[None]:
 
 def _publish_error(err: Exception, action: str, endpoint: str) -> PublishError:
     if isinstance(err, HubTimeout):
-        url = err.request.url
-        origin = f"{url.scheme}://{url.netloc.decode('ascii')}"
-        server = endpoint if endpoint.startswith(origin) else f"{origin} (storage of the Hub at {endpoint})"
-        return PublishError(f"{server} sent {err} while {action}; {RETRY_HINT}")
+        return PublishError(f"{timed_out_server(err, endpoint)} sent {err} while {action}; {RETRY_HINT}")
     if isinstance(err, httpx2.TransportError):
         cause = f"{type(err).__name__}: {err}"
         return PublishError(f"the connection to {endpoint} failed while {action} ({cause}); {RETRY_HINT}")
@@ -410,8 +376,7 @@ def publish_folder(
     Each request gives up after `timeout` seconds without an answer; a repository this call created is deleted
     again if the upload fails."""
     check_repo_id(repo_id)
-    if not timeout > 0:
-        raise ValueError(f"timeout must be a positive number of seconds, got {timeout}")
+    check_timeout(timeout)
     files = check_checkpoint_folder(folder)
     branch = revision or "main"
     if dry_run:
