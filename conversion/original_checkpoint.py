@@ -1,7 +1,6 @@
 """The original TokenPacker release: a LLaVA folder (Llama config + mm_* fields, weights, sentencepiece tokenizer) and
 the stock CLIP checkpoint it names as its vision tower. Reads and validates both, and derives a TokenPackerConfig."""
 
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,12 +20,12 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from ..configuration import TokenPackerConfig
 from .checkpoint_files import (
-    SAFETENSORS_INDEX,
-    SAFETENSORS_SINGLE,
-    TORCH_INDEX,
-    TORCH_SINGLE,
+    SAFETENSORS,
+    TORCH,
     CheckpointFiles,
     TensorInfo,
+    read_index,
+    read_json,
 )
 from .hub_client import DEFAULT_TIMEOUT_S, HubTimeout, hub_requests_time_out, timed_out_server
 
@@ -67,18 +66,6 @@ REQUIRED_LLAMA_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_
 ORIGINAL_PROJECTOR = "model.mm_projector."
 
 
-def read_json(path: Path, what: str) -> dict:
-    if not path.is_file():
-        raise FileNotFoundError(f"No {what} at {path}")
-    try:
-        content = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path} is not valid JSON: {error}") from error
-    if not isinstance(content, dict):
-        raise ValueError(f"{path} must hold a JSON object, got {type(content).__name__}")
-    return content
-
-
 def load_sentencepiece(model_file: Path) -> spm.SentencePieceProcessor:
     try:
         return spm.SentencePieceProcessor(model_file=str(model_file))
@@ -108,7 +95,7 @@ class LlavaCheckpoint:
         self.folder = Path(folder)
         if not self.folder.is_dir():
             raise FileNotFoundError(f"The checkpoint folder {self.folder} does not exist")
-        self.config = read_json(self.folder / "config.json", "LLaVA config")
+        self.config = read_json(self.folder / "config.json", "a LLaVA config")
         self._validate_config()
         self.tokenizer_model = self.folder / "tokenizer.model"
         if not self.tokenizer_model.is_file():
@@ -117,9 +104,9 @@ class LlavaCheckpoint:
                 "ids and the ',' and '\\n' separator ids"
             )
         tokenizer_config = self.folder / "tokenizer_config.json"
-        self.tokenizer_config = read_json(tokenizer_config, "tokenizer config") if tokenizer_config.exists() else {}
+        self.tokenizer_config = read_json(tokenizer_config, "a tokenizer config") if tokenizer_config.exists() else {}
         generation_config = self.folder / "generation_config.json"
-        self.generation_config = read_json(generation_config, "generation config") if generation_config.exists() else {}
+        self.generation_config = read_json(generation_config, "a generation config") if generation_config.exists() else {}
         self.files = CheckpointFiles(self.folder, "checkpoint")
 
     def _validate_config(self):
@@ -212,22 +199,24 @@ def download_vision_tower(repo_id: str) -> Path:
         return Path(hf_hub_download(repo_id, filename, etag_timeout=constants.HF_HUB_ETAG_TIMEOUT))
 
     folder = download("config.json").parent
-    for index_name, single_name in ((SAFETENSORS_INDEX, SAFETENSORS_SINGLE), (TORCH_INDEX, TORCH_SINGLE)):
-        for name in (index_name, single_name):
+    for weight_format in (SAFETENSORS, TORCH):
+        for name in (weight_format.index, weight_format.single):
             try:
                 file = download(name)
             except RemoteEntryNotFoundError:
                 continue
-            if name == index_name:
-                for shard in CheckpointFiles.read_index(file, folder).values():
+            if name == weight_format.index:
+                for shard in sorted(set(read_index(file, weight_format).values())):
                     download(shard)
             return folder
-    raise FileNotFoundError(f"The Hub repo {repo_id} holds no {SAFETENSORS_SINGLE} or {TORCH_SINGLE} (or their index)")
+    raise FileNotFoundError(
+        f"The Hub repo {repo_id} holds no {SAFETENSORS.single} or {TORCH.single} (or their index)"
+    )
 
 
 def read_vision_config(folder: Path) -> CLIPVisionConfig:
     """The vision part of a CLIPModel or CLIPVisionModel config.json."""
-    model_type = read_json(folder / "config.json", "vision tower config").get("model_type")
+    model_type = read_json(folder / "config.json", "a vision tower config").get("model_type")
     if model_type not in ("clip", "clip_vision_model"):
         raise ValueError(
             f"The vision tower at {folder} must be a CLIP checkpoint (model_type 'clip' or 'clip_vision_model'), "

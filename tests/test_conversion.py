@@ -458,8 +458,13 @@ BROKEN = {
     "missing shard": (
         lambda c: (c / "pytorch_model-00003-of-00003.bin").unlink(),
         FileNotFoundError,
-        r"index .*pytorch_model\.bin\.index\.json names shards that are not in .*: "
+        r"index .*pytorch_model\.bin\.index\.json lists shards that are missing from .*: "
         r"\['pytorch_model-00003-of-00003\.bin'\]",
+    ),
+    "undeclared shard": (
+        lambda c: (c / "pytorch_model-00004-of-00004.bin").write_bytes((c / "pytorch_model.bin.index.json").read_bytes()),
+        ValueError,
+        r"holds torch files that pytorch_model\.bin\.index\.json does not list: \['pytorch_model-00004-of-00004\.bin'\]",
     ),
     "mlp projector": (
         lambda c: edit_config(c, mm_projector_type="mlp2x_gelu"),

@@ -23,6 +23,7 @@ from tokenpacker.conversion import convert as convert_module
 from tokenpacker.conversion import original_checkpoint
 from tokenpacker.conversion import shards as shards_module
 from tokenpacker.conversion.convert import main
+from tokenpacker.staging import remove_stale_staging
 
 from transformers import AutoModelForImageTextToText
 
@@ -537,7 +538,7 @@ def test_a_conversion_removes_what_a_killed_one_left_and_nothing_else(release, t
     stale.mkdir()
     marker = {"pid": process.pid, "created_parents": [str(output.parent)]}  # the killed process
     (stale / ".tokenpacker-staging").write_text(json.dumps(marker))
-    convert_module.remove_stale_staging(output)
+    remove_stale_staging(output, "converting")
     assert list((tmp_path / "work").iterdir()) == []
 
 
