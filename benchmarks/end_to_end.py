@@ -20,15 +20,12 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from torch import nn
 from transformers import LlavaConfig, LlavaForConditionalGeneration
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from tokenpacker import TokenPackerConfig, TokenPackerForConditionalGeneration, TokenPackerProjector  # noqa: E402
+from tokenpacker import TokenPackerConfig, TokenPackerForConditionalGeneration, TokenPackerProjector
 
 IMAGE_TOKEN_ID = 32000
 VISION = dict(

@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 from transformers import CLIPConfig, CLIPModel, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
 
 from .builders import train_sentencepiece
-from .reference import OriginalTokenPacker
+from tokenpacker.testing import OriginalTokenPacker
 
 VISION = dict(
     hidden_size=32,

@@ -5,7 +5,7 @@ import torch
 
 from tokenpacker import TokenPackerConfig, TokenPackerProjector
 
-from .reference import OriginalTokenPacker, load_original_projector
+from tokenpacker.testing import OriginalTokenPacker, load_original_projector
 
 
 def projector_pair(vision_size, levels, width, heads, text_size, scale_factor, grid):
