@@ -1,4 +1,4 @@
-"""The projector against an independent reference of the original formula (tests/reference.py)."""
+"""The projector against an independent reference of the original formula (tokenpacker.testing)."""
 
 import pytest
 import torch
