@@ -3,7 +3,7 @@
 Independent references written from TOKENPACKER.md, never from this package's modeling or processing code: the
 original projector (`OriginalTokenPacker`, its original parameter names, computed by the original formula that the
 conversion also verifies against) and the original image pipelines (`reference_pad`, `reference_slice`), plus the
-deterministic test image `photo`. Imports no test framework; nothing of the package imports it.
+deterministic test image `photo` and the config of an original checkpoint (`original_llava_config`). Imports no test framework; nothing of the package imports it.
 """
 
 from functools import lru_cache
@@ -173,11 +173,53 @@ def load_original_projector(projector, original):
     return projector
 
 
+def original_llava_config(
+    text: dict,
+    vision_hidden_size: int,
+    image_aspect_ratio: str = "pad",
+    scale_factor: int = 2,
+    patch_num: int | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> dict:
+    """config.json of an original TokenPacker checkpoint as LLaVA's training script saves it (LlavaConfig =
+    LlamaConfig + mm_* fields, TOKENPACKER.md section 4), for the Llama sizes `text`."""
+    config = {
+        "_name_or_path": "lmsys/vicuna-7b-v1.5",
+        "architectures": ["LlavaLlamaForCausalLM"],
+        "model_type": "llava",
+        **text,
+        "initializer_range": 0.02,
+        "pretraining_tp": 1,
+        "rope_scaling": None,
+        "tie_word_embeddings": False,
+        "use_cache": True,
+        "torch_dtype": str(dtype).removeprefix("torch."),
+        "transformers_version": "4.31.0",
+        "freeze_mm_mlp_adapter": False,
+        "image_aspect_ratio": image_aspect_ratio,
+        "image_grid_pinpoints": None,
+        "mm_hidden_size": vision_hidden_size,
+        "mm_projector_type": "tokenpacker",
+        "mm_use_im_patch_token": False,
+        "mm_use_im_start_end": False,
+        "mm_vision_select_feature": "patch",
+        "mm_vision_select_layer": -2,
+        "mm_vision_tower": "openai/clip-vit-large-patch14-336",
+        "scale_factor": scale_factor,
+        "tune_mm_mlp_adapter": False,
+        "use_mm_proj": True,
+    }
+    if patch_num is not None:
+        config["patch_num"] = patch_num
+    return config
+
+
 __all__ = [
     "CLIP_MEAN",
     "CLIP_STD",
     "OriginalTokenPacker",
     "load_original_projector",
+    "original_llava_config",
     "original_projector_formula",
     "photo",
     "reference_grids",
