@@ -344,7 +344,8 @@ class TokenPackerProcessor(RemoteCodeMixin, ProcessorMixin):
         """The conversation(s) as lists of message dicts, and whether a batch was given; refuses malformed ones."""
         if isinstance(conversation, (list, tuple)) and not conversation:
             raise ValueError("apply_chat_template needs a conversation with at least one message, got an empty list")
-        conversations, is_batched = self._normalize_conversations(conversation)
+        is_batched = isinstance(conversation[0], (list, tuple)) if isinstance(conversation, (list, tuple)) else False
+        conversations = list(conversation) if is_batched else [conversation]
         for conversation_index, messages in enumerate(conversations):
             batch_place = f" of conversation {conversation_index}" if is_batched else ""
             if not messages:
