@@ -26,6 +26,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import LlavaConfig, LlavaForConditionalGeneration
 
 from tokenpacker import TokenPackerConfig, TokenPackerForConditionalGeneration
+from tokenpacker.configuration.compat_tokenpacker import CACHE_NAME
 from tokenpacker.processing.image_processing_tokenpacker import select_slice_grid
 
 TEXT_TOKENS = 32
@@ -89,7 +90,7 @@ def language_model_cost(model, image_tokens: int) -> tuple[int, int]:
     outputs = {}
     flops = count_flops(lambda: outputs.setdefault("out", language_model(inputs_embeds=embeds, use_cache=True)))
     flops += count_flops(lambda: head(embeds[:, -1:]))
-    cache = outputs["out"].cache
+    cache = outputs["out"][CACHE_NAME]
     cache_bytes = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
     return flops, cache_bytes * image_tokens // (image_tokens + TEXT_TOKENS)
 

@@ -121,16 +121,14 @@ class TokenPackerTrainingArguments(TrainingArguments):
         default=None, metadata={"help": "Learning rate of a trained vision tower (default: --learning-rate)."}
     )
     if training_activation_checkpointing_argument() == "gradient_checkpointing":
-        # Where the library still calls it gradient checkpointing, --activation-checkpointing turns that on.
         activation_checkpointing: bool = field(
             default=False, metadata={"help": "Recompute activations in the backward pass to save memory."}
         )
 
-        def __post_init__(self):
-            self.gradient_checkpointing = self.gradient_checkpointing or self.activation_checkpointing
-            super().__post_init__()
-
     def __post_init__(self):
+        if training_activation_checkpointing_argument() == "gradient_checkpointing":
+            # Where the library still calls it gradient checkpointing, --activation-checkpointing turns that on.
+            self.gradient_checkpointing = self.gradient_checkpointing or self.activation_checkpointing
         # The Trainer's own rule for bfloat16: a GPU (or XLA device) that supports it, unless it runs on the CPU.
         if (self.bf16 or self.bf16_full_eval) and not self.use_cpu:
             if not is_torch_bf16_gpu_available() and not is_torch_xla_available():
