@@ -9,6 +9,7 @@ from tokenizers import Tokenizer, models
 from transformers import CLIPConfig, CLIPModel, DynamicCache, PreTrainedTokenizerFast
 
 from tokenpacker import TokenPackerForConditionalGeneration
+from tokenpacker.configuration.compat_tokenpacker import CACHE_NAME
 
 from .builders import IMAGE_TOKEN_ID, tiny_config
 from .test_training import VISION, tiny_llama
@@ -85,7 +86,7 @@ def test_an_image_token_fed_back_after_the_cached_prompt_is_embedded_as_it_is(mo
         step = model(
             input_ids=torch.tensor([[IMAGE_TOKEN_ID]]),
             attention_mask=torch.ones(1, past + 1, dtype=torch.long),
-            cache=prefill.cache,
+            cache=getattr(prefill, CACHE_NAME),
             use_cache=True,
         )
     assert step.logits.shape == (1, 1, 128) and torch.isfinite(step.logits).all()
@@ -112,7 +113,7 @@ def test_an_attention_mask_of_another_shape_is_refused(model, input_ids, pixel_v
 
 def test_during_decoding_the_mask_covers_the_past_and_the_new_tokens(model, input_ids, pixel_values):
     with torch.no_grad():
-        cache = model(input_ids=input_ids, pixel_values=pixel_values, use_cache=True).cache
+        cache = getattr(model(input_ids=input_ids, pixel_values=pixel_values, use_cache=True), CACHE_NAME)
         past = input_ids.shape[1]
         expected = rf"attention_mask must have shape \(1, 1\) or \(1, {past + 1}\) .*got \(1, 5\)"
         with pytest.raises(ValueError, match=expected):
