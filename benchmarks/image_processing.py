@@ -1,8 +1,8 @@
 """Images per second of TokenPackerImageProcessor next to a plain implementation of the original procedure.
 
-The plain side is the tests' reference (`tokenpacker.testing`): expand2square with PIL plus CLIP's image processor ('pad'); ToTensor,
-Normalize, the grid choice in torch, bilinear resizes and block slicing one by one ('slice'). Both sides process the
-same images one at a time, in alternating rounds, and their crops are compared.
+The plain side is the tests' reference (`tokenpacker.testing`): expand2square with PIL plus CLIP's image processor
+('pad'); ToTensor, Normalize, the grid choice in torch, bilinear resizes and block slicing one by one ('slice'). Both
+sides process the same images one at a time, in alternating rounds, and their crops are compared.
 
     .venv/bin/python benchmarks/image_processing.py [--seconds 3]
 """

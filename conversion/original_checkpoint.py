@@ -106,7 +106,9 @@ class LlavaCheckpoint:
         tokenizer_config = self.folder / "tokenizer_config.json"
         self.tokenizer_config = read_json(tokenizer_config, "a tokenizer config") if tokenizer_config.exists() else {}
         generation_config = self.folder / "generation_config.json"
-        self.generation_config = read_json(generation_config, "a generation config") if generation_config.exists() else {}
+        self.generation_config = (
+            read_json(generation_config, "a generation config") if generation_config.exists() else {}
+        )
         self.files = CheckpointFiles(self.folder, "checkpoint")
 
     def _validate_config(self):
