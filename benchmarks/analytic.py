@@ -18,7 +18,6 @@ tokens in bfloat16. Rows:
 import argparse
 import importlib.util
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,11 +25,9 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import LlavaConfig, LlavaForConditionalGeneration
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from tokenpacker import TokenPackerConfig, TokenPackerForConditionalGeneration  # noqa: E402
-from tokenpacker.configuration.compat_tokenpacker import CACHE_NAME  # noqa: E402
-from tokenpacker.processing.image_processing_tokenpacker import select_slice_grid  # noqa: E402
+from tokenpacker import TokenPackerConfig, TokenPackerForConditionalGeneration
+from tokenpacker.configuration.compat_tokenpacker import CACHE_NAME
+from tokenpacker.processing.image_processing_tokenpacker import select_slice_grid
 
 TEXT_TOKENS = 32
 IMAGE_TOKEN_ID = 32000

@@ -5,7 +5,7 @@ two-layer MLP into the language model. It is trained with exactly the `tokenpack
 the same base models and data, and both models answer the held-out scenes of `tokenpacker.shapes`:
 
     python benchmarks/avg_pool_baseline.py <the tokenpacker-train arguments of the TokenPacker model> \\
-        --test_path runs/shapes/test.json --tokenpacker_model runs/tiny-shapes
+        --test-path runs/shapes/test.json --tokenpacker-model runs/tiny-shapes
 
 The baseline is trained in memory and not saved (its projector is not a TokenPacker one); the scores are printed and
 written to `<output_dir>/accuracy.json`.
@@ -13,7 +13,7 @@ written to `<output_dir>/accuracy.json`.
 Beside them, a linear probe tells whether the pooled features still hold the answers: a logistic regression (on the
 features standardized over the probe's training scenes) of the colour and the position from the frozen tower's
 features averaged as the baseline averages them, fitted on the training scenes train-0... and scored on the held-out
-scenes test-0... (`--probe_train`, `--probe_test`; 0 skips the probe).
+scenes test-0... (`--probe-train`, `--probe-test`; 0 skips the probe).
 """
 
 import json
@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import HfArgumentParser, set_seed
+from transformers import set_seed
 
 from tokenpacker import TokenPackerForConditionalGeneration, TokenPackerProcessor
 from tokenpacker.modeling.modeling_tokenpacker import TokenPackerMLP
@@ -33,6 +33,7 @@ from tokenpacker.training import (
     DataArguments,
     ModelArguments,
     TokenPackerTrainingArguments,
+    argument_parser,
     load_model_and_processor,
     make_trainer,
 )
@@ -117,7 +118,9 @@ def linear_probe(model, processor, num_train: int, num_test: int) -> dict[str, f
 
 
 def main(argv: list[str]):
-    parser = HfArgumentParser((ModelArguments, DataArguments, TokenPackerTrainingArguments, BenchmarkArguments))
+    parser = argument_parser(
+        ModelArguments, DataArguments, TokenPackerTrainingArguments, BenchmarkArguments, prog="avg_pool_baseline.py"
+    )
     model_args, data_args, training_args, benchmark_args = parser.parse_args_into_dataclasses(args=argv)
     set_seed(training_args.seed)
     model, processor = load_model_and_processor(model_args)

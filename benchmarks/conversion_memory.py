@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 from sentencepiece import sentencepiece_model_pb2
-from tokenpacker.conversion import train_llama_sentencepiece
+from tokenpacker.processing import train_llama_sentencepiece
+from tokenpacker.testing import original_llava_config
 
 GB = 10**9
 TEXT = dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, vocab_size=32000)
@@ -129,29 +130,17 @@ def write_llava_checkpoint(folder: Path, size: int, shard_size: int, dtype: torc
     index = {"metadata": {"total_size": nbytes(shapes, dtype)}, "weight_map": weight_map}
     (folder / "pytorch_model.bin.index.json").write_text(json.dumps(index, indent=2))
 
-    config = {
-        "architectures": ["LlavaLlamaForCausalLM"],
-        "model_type": "llava",
-        **text,
-        "num_hidden_layers": layers,
-        "num_key_value_heads": text["num_attention_heads"],
-        "max_position_embeddings": 4096,
-        "rms_norm_eps": 1e-5,
-        "hidden_act": "silu",
-        "bos_token_id": 1,
-        "eos_token_id": 2,
-        "pad_token_id": 0,
-        "torch_dtype": str(dtype).removeprefix("torch."),
-        "image_aspect_ratio": "pad",
-        "mm_hidden_size": VISION["hidden_size"],
-        "mm_projector_type": "tokenpacker",
-        "mm_use_im_patch_token": False,
-        "mm_use_im_start_end": False,
-        "mm_vision_select_feature": "patch",
-        "mm_vision_select_layer": -2,
-        "mm_vision_tower": "openai/clip-vit-large-patch14-336",
-        "scale_factor": 2,
-    }
+    text.update(
+        num_hidden_layers=layers,
+        num_key_value_heads=text["num_attention_heads"],
+        max_position_embeddings=4096,
+        rms_norm_eps=1e-5,
+        hidden_act="silu",
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    config = original_llava_config(text, VISION["hidden_size"], dtype=dtype)
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     (folder / "tokenizer_config.json").write_text(
         json.dumps({"model_max_length": 2048, "tokenizer_class": "LlamaTokenizer"})

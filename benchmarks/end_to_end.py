@@ -20,15 +20,13 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from torch import nn
 from transformers import LlavaConfig, LlavaForConditionalGeneration
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from tokenpacker import TokenPackerConfig, TokenPackerForConditionalGeneration, TokenPackerProjector  # noqa: E402
+from tokenpacker import TokenPackerConfig, TokenPackerForConditionalGeneration, TokenPackerProjector
+from tokenpacker.configuration.compat_tokenpacker import CACHE_NAME
 
 IMAGE_TOKEN_ID = 32000
 VISION = dict(
@@ -145,10 +143,10 @@ def generate(model, input_ids, pixel_values, new_tokens, device):
     out = model(input_ids=input_ids, pixel_values=pixel_values, use_cache=True, logits_to_keep=1)
     synchronize(device)
     prefilled = time.perf_counter()
-    cache = out.cache
+    cache = out[CACHE_NAME]
     prefill_cache_bytes = cache_bytes(cache)
     for _ in range(new_tokens):
-        out = model(input_ids=out.logits[:, -1:].argmax(-1), cache=cache, use_cache=True)
+        out = model(input_ids=out.logits[:, -1:].argmax(-1), **{CACHE_NAME: cache}, use_cache=True)
     synchronize(device)
     return prefilled - start, time.perf_counter() - prefilled, prefill_cache_bytes
 

@@ -1,24 +1,20 @@
 """Images per second of TokenPackerImageProcessor next to a plain implementation of the original procedure.
 
-The plain side is the tests' reference: expand2square with PIL plus CLIP's image processor ('pad'); ToTensor,
-Normalize, the grid choice in torch, bilinear resizes and block slicing one by one ('slice'). Both sides process the
-same images one at a time, in alternating rounds, and their crops are compared.
+The plain side is the tests' reference (`tokenpacker.testing`): expand2square with PIL plus CLIP's image processor
+('pad'); ToTensor, Normalize, the grid choice in torch, bilinear resizes and block slicing one by one ('slice'). Both
+sides process the same images one at a time, in alternating rounds, and their crops are compared.
 
     .venv/bin/python benchmarks/image_processing.py [--seconds 3]
 """
 
 import argparse
-import sys
 import time
 from functools import partial
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from tests.test_image_processing import photo, reference_pad, reference_slice  # noqa: E402
-from tokenpacker import TokenPackerImageProcessor  # noqa: E402
+from tokenpacker import TokenPackerImageProcessor
+from tokenpacker.testing import photo, reference_pad, reference_slice
 
 CASES = [  # (image_aspect_ratio, max_slices, height, width)
     ("pad", 9, 480, 640),

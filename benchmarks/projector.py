@@ -1,9 +1,10 @@
 """TokenPackerProjector beside the original formulation of the TokenPacker projector, at the real size.
 
 Real size: CLIP ViT-L features (1024 channels, four levels -> 4096), projector width 1024, 8 heads, LLM width 4096,
-the 24x24 patch grid. The original formulation is the original repository's: sequence-first tensors, every region's
-keys gathered by reshapes and permutes into (s*s, regions*crops, width), one `nn.MultiheadAttention` call with its
-default arguments. Both sides hold the same weights and get the same inputs. A third side is this package's previous
+the 24x24 patch grid. The original formulation is the original repository's (`tokenpacker.testing.OriginalTokenPacker`,
+the formula the conversion verifies against): sequence-first tensors, every region's keys gathered by reshapes and
+permutes into (s*s, regions*crops, width), the computation of one `nn.MultiheadAttention` call with its default
+arguments. Both sides hold the same weights and get the same inputs. A third side is this package's previous
 formulation (every key and value projected, then scaled-dot-product attention), on the same parameters. Each round
 times all three, one after the other in a rotating order, so that all see the same machine load. Times are medians
 over the rounds, speed-ups (over the original) are medians of the rounds' ratios. Differences are max abs differences
@@ -18,48 +19,17 @@ matrix products.
 import argparse
 import copy
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from tests.reference import OriginalTokenPacker, load_original_projector  # noqa: E402
-from tokenpacker import TokenPackerConfig, TokenPackerProjector  # noqa: E402
+from tokenpacker import TokenPackerConfig, TokenPackerProjector
+from tokenpacker.testing import OriginalTokenPacker, load_original_projector
 
 GRID, VISION, LEVELS, WIDTH, HEADS, TEXT = 24, 1024, 4, 1024, 8, 4096
-
-
-class VectorizedOriginalTokenPacker(OriginalTokenPacker):
-    """The original's forward: regions gathered with reshapes and permutes, sequence-first multi-head attention."""
-
-    def regions_sequence_first(self, features: torch.Tensor, kernel: int) -> torch.Tensor:
-        # (grid*grid, crops, C) sequence-first -> (kernel*kernel, regions*crops, C); regions row-major, then crops
-        side, crops, channels = int(features.shape[0] ** 0.5), features.shape[1], features.shape[2]
-        coarse = side // kernel
-        blocks = features.reshape(coarse, kernel, coarse, kernel, crops, channels).permute(1, 3, 0, 2, 4, 5)
-        return blocks.reshape(kernel * kernel, coarse * coarse * crops, channels)
-
-    def forward(self, x, x_multi):
-        crops, s, grid = x.shape[0], self.scale_factor, self.grid
-        coarse = grid // s
-        key = self.ln_k_1(self.k_proj_1(x_multi)).permute(1, 0, 2)  # (grid*grid, crops, width)
-        value = self.ln_v_1(self.v_proj_1(x_multi)).permute(1, 0, 2)
-        patch_map = x.reshape(crops, grid, grid, -1).float().permute(0, 3, 1, 2)
-        q = F.interpolate(patch_map, size=(coarse, coarse), mode="bilinear").permute(0, 2, 3, 1)
-        q = q.reshape(crops, coarse * coarse, -1).to(x.dtype)
-        query = self.ln_q_1(self.q_proj_1(q)).permute(1, 0, 2)  # (coarse*coarse, crops, width)
-        out = self.clip_attn(
-            self.regions_sequence_first(query, 1),
-            self.regions_sequence_first(key, s),
-            self.regions_sequence_first(value, s),
-        )[0]
-        return self.mlp(out.reshape(coarse * coarse, crops, -1).permute(1, 0, 2))
 
 
 def randomize(module: nn.Module, seed: int) -> nn.Module:
@@ -79,7 +49,7 @@ def randomize(module: nn.Module, seed: int) -> nn.Module:
 
 def build_pair(scale_factor: int, dtype: torch.dtype):
     config = TokenPackerConfig(scale_factor=scale_factor)
-    original = randomize(VectorizedOriginalTokenPacker(VISION, LEVELS, WIDTH, HEADS, TEXT, scale_factor, GRID), 0)
+    original = randomize(OriginalTokenPacker(VISION, LEVELS, WIDTH, HEADS, TEXT, scale_factor, GRID), 0)
     ours = load_original_projector(TokenPackerProjector(config), original)
     return original.to(dtype).eval(), ours.to(dtype).eval()
 
@@ -133,15 +103,6 @@ def flop_ratio(original, ours) -> float:
     return counts[0] / counts[1]
 
 
-def check_against_loop_reference():
-    """The vectorized original formulation gives the loop reference's outputs (tests/reference.py)."""
-    original = randomize(VectorizedOriginalTokenPacker(scale_factor=2), 0).eval()
-    x, x_multi = torch.randn(2, GRID * GRID, VISION), torch.randn(2, GRID * GRID, VISION * LEVELS)
-    with torch.inference_mode():
-        difference = (original(x, x_multi) - OriginalTokenPacker.forward(original, x, x_multi)).abs().max().item()
-    return difference
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=7, help="timed rounds per setting (3x that for one crop)")
@@ -153,8 +114,7 @@ def main():
     torch.manual_seed(0)
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU")
-    loop_difference = check_against_loop_reference()
-    print(f"vectorized original vs tests/reference.py loop formulation: max abs diff {loop_difference:.1e}\n")
+    print()
     print("| dtype | s (tokens) | crops | original (ms) | TokenPackerProjector (ms) | speed-up "
           "| per-key projections (ms) | its speed-up | max abs diff | float64 error: original | float64 error: ours "
           "| max abs output | FLOPs original / ours |")

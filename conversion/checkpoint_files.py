@@ -1,4 +1,8 @@
-"""Reading a checkpoint folder's weights one shard at a time, safely: safetensors, or torch.load(weights_only=True)."""
+"""Reading a checkpoint folder's weights one shard at a time, safely: safetensors, or torch.load(weights_only=True).
+
+The one reader of "which weight files does this folder declare, does the index match the shards, which tensors
+(name -> shape, dtype) do they hold", for the conversion's sources and for publishing.
+"""
 
 import json
 import zipfile
@@ -30,59 +34,105 @@ _SAFETENSORS_DTYPES = {
 
 
 @dataclass(frozen=True)
+class WeightFormat:
+    """How a format stores a checkpoint: one `single` file, or shards named in `index`; `shards` matches the files
+    of that format in a folder (all of them must be declared)."""
+
+    name: str
+    index: str
+    single: str
+    shards: str
+
+
+SAFETENSORS = WeightFormat("safetensors", SAFETENSORS_INDEX, SAFETENSORS_SINGLE, "*.safetensors")
+TORCH = WeightFormat("torch", TORCH_INDEX, TORCH_SINGLE, "pytorch_model*.bin")
+
+
+@dataclass(frozen=True)
 class TensorInfo:
     shard: Path
     shape: tuple[int, ...]
     dtype: torch.dtype
 
 
-class CheckpointFiles:
-    """The weight files of one checkpoint folder: `model.safetensors` or `pytorch_model.bin`, single or sharded with
-    an index. `inventory()` reads every shard's table of contents (never its data) and checks it against the index."""
+def read_json(path: Path, what: str) -> dict:
+    """The JSON object in `path` (`what` it should be, for messages: "a LLaVA config"), checked."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: expected {what}")
+    try:
+        content = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path} is not UTF-8 text ({error.reason} at byte {error.start}): expected {what}") from error
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not valid JSON: {error}") from error
+    if not isinstance(content, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(content).__name__}")
+    return content
 
-    def __init__(self, folder: str | Path, what: str):
+
+def read_index(index_file: Path, weight_format: WeightFormat = SAFETENSORS) -> dict[str, str]:
+    """The index's weight map (tensor name -> shard file name in the index's folder), checked."""
+    kind = f"{weight_format.name} index"
+    weight_map = read_json(index_file, f"a {kind}").get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise ValueError(f"{index_file} is not a {kind}: expected a JSON object with a non-empty 'weight_map' object")
+    wrong = [
+        f"{name}: {file!r}"
+        for name, file in weight_map.items()
+        if not isinstance(file, str) or not file or Path(file).name != file or file in (".", "..")
+    ]
+    if wrong:
+        raise ValueError(
+            f"{index_file}: the 'weight_map' must map tensor names to file names (in the folder), got {few(wrong)}"
+        )
+    return weight_map
+
+
+def few(names: list[str], limit: int = 5) -> str:
+    """The first `limit` names, and how many more there are."""
+    shown = ", ".join(names[:limit])
+    return shown if len(names) <= limit else f"{shown} and {len(names) - limit} more"
+
+
+class CheckpointFiles:
+    """The weight files a checkpoint folder declares, in one of `formats` (the first one present wins): the single
+    file, or the shards its index names; every file of that format in the folder must be declared. `inventory()`
+    reads every shard's table of contents (never its data) and checks it against the index."""
+
+    def __init__(self, folder: str | Path, what: str, formats: tuple[WeightFormat, ...] = (SAFETENSORS, TORCH)):
         self.folder = Path(folder)
         self.what = what
-        self.index, self.shards = self._find_shards()
+        self.index, self.shards = self._find_shards(formats)
 
-    def _find_shards(self) -> tuple[dict[str, str] | None, list[Path]]:
-        for index_name, single_name in ((SAFETENSORS_INDEX, SAFETENSORS_SINGLE), (TORCH_INDEX, TORCH_SINGLE)):
-            index_file = self.folder / index_name
+    def _find_shards(self, formats: tuple[WeightFormat, ...]) -> tuple[dict[str, str] | None, list[Path]]:
+        for weight_format in formats:
+            index_file = self.folder / weight_format.index
+            on_disk = sorted(path.name for path in self.folder.glob(weight_format.shards) if path.is_file())
             if index_file.is_file():
-                index = self.read_index(index_file, self.folder)
+                index = read_index(index_file, weight_format)
                 shards = sorted(set(index.values()))
-                missing = [name for name in shards if not (self.folder / name).is_file()]
+                missing = [name for name in shards if name not in on_disk]
                 if missing:
                     raise FileNotFoundError(
-                        f"The {self.what} index {index_file} names shards that are not in {self.folder}: {missing}"
+                        f"The {self.what} index {index_file} lists shards that are missing from {self.folder}: "
+                        f"{missing}"
+                    )
+                unlisted = sorted(set(on_disk) - set(shards))
+                if unlisted:
+                    raise ValueError(
+                        f"{self.folder} holds {weight_format.name} files that {weight_format.index} does not list: "
+                        f"{unlisted}"
                     )
                 return index, [self.folder / name for name in shards]
-            if (self.folder / single_name).is_file():
-                return None, [self.folder / single_name]
+            if on_disk == [weight_format.single]:
+                return None, [self.folder / weight_format.single]
+            if on_disk:
+                break
+        expected = ", or ".join(f"{form.single} or as shards listed in {form.index}" for form in formats)
+        found = sorted(path.name for form in formats for path in self.folder.glob(form.shards))
         raise FileNotFoundError(
-            f"No weights in the {self.what} folder {self.folder}: expected {SAFETENSORS_INDEX}, {SAFETENSORS_SINGLE}, "
-            f"{TORCH_INDEX} or {TORCH_SINGLE}"
+            f"The {self.what} folder {self.folder} must hold its weights as {expected}; found weight files {found}"
         )
-
-    @staticmethod
-    def read_index(index_file: Path, folder: Path) -> dict[str, str]:
-        """The index's weight map (tensor name -> shard file name in `folder`), checked."""
-        try:
-            weight_map = json.loads(index_file.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as error:
-            raise ValueError(f"{index_file} is not a weight index with a 'weight_map': {error}") from error
-        if not isinstance(weight_map, dict) or not weight_map:
-            raise ValueError(f"{index_file} has an empty or malformed 'weight_map'")
-        wrong = [
-            f"{name!r}: {file!r}"
-            for name, file in weight_map.items()
-            if not isinstance(file, str) or not file or Path(file).name != file or file in (".", "..")
-        ]
-        if wrong:
-            raise ValueError(
-                f"{index_file}: the 'weight_map' must map tensor names to file names in {folder}, got {wrong[:5]}"
-            )
-        return weight_map
 
     def inventory(self) -> dict[str, TensorInfo]:
         """Every tensor's shard, shape and dtype. Raises on unreadable (e.g. truncated) shards and index mismatches."""
@@ -182,4 +232,4 @@ class TorchShard:
 
 ShardContents = SafetensorsShard | TorchShard
 
-__all__ = ["CheckpointFiles", "TensorInfo"]
+__all__ = ["SAFETENSORS", "TORCH", "CheckpointFiles", "TensorInfo", "WeightFormat", "read_index", "read_json"]

@@ -5,15 +5,11 @@ target and moved into place only once complete and verified, so a failure leaves
 """
 
 import argparse
-import json
 import logging
-import os
 import shlex
-import shutil
 import signal
 import sys
 import threading
-import tempfile
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,6 +24,7 @@ from ..modeling import TokenPackerForConditionalGeneration
 from ..processing import TokenPackerProcessor
 from ..remote_code import export_remote_code
 from .checkpoint_files import CheckpointFiles, ShardContents, TensorInfo
+from .hub_client import DEFAULT_TIMEOUT_S, check_timeout
 from .model_card import model_card
 from .original_checkpoint import (
     DEFAULT_VISION_TOWER,
@@ -41,8 +38,9 @@ from .original_checkpoint import (
 )
 from .publish import PublishError, PublishResult, publish_folder
 from .shards import ShardReader, ShardWriter, parse_size
-from .sizes import ORIGINAL_TEXT, ORIGINAL_VISION, check_sizes_match_weights
-from .tokenizer import IMAGE_TOKEN, fast_tokenizer_from_sentencepiece
+from .sizes import ORIGINAL_TEXT, ORIGINAL_VISION, check_sizes_match_weights, model_parameters
+from ..staging import OutputFolder, check_output_is_safe
+from ..processing.tokenization_tokenpacker import IMAGE_TOKEN, fast_tokenizer_from_sentencepiece
 from .verify import VerificationReport, compare_projector, max_abs_difference
 from .weight_map import CLIP, LLAVA, Mapped, WeightMap, appended_rows
 
@@ -257,11 +255,6 @@ def verify_weights(
     return report
 
 
-def expected_parameters(config: TokenPackerConfig) -> dict[str, torch.Size]:
-    """Every tensor the converted model holds, with its shape (from a model on the meta device: no memory)."""
-    with torch.device("meta"):
-        model = TokenPackerForConditionalGeneration(config)
-    return {name: tensor.shape for name, tensor in model.state_dict().items()}
 
 
 def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
@@ -285,28 +278,6 @@ def default_command(
     return shlex.join(arguments)
 
 
-def check_output_is_safe(output: Path, sources: dict[str, Path]) -> None:
-    """Refuses an output folder that is, holds or lies inside a source folder, or that is or holds the current
-    directory or the home folder: replacing it would delete them. Paths are compared resolved (links, `..`)."""
-    target = output.resolve()
-    protected = [(what, folder, True) for what, folder in sources.items()]
-    protected += [("the current directory", Path.cwd(), False), ("the home folder", Path.home(), False)]
-    for what, folder, inside_forbidden in protected:
-        folder = folder.resolve()
-        if target == folder:
-            relation = "is"
-        elif target in folder.parents:
-            relation = "contains"
-        elif inside_forbidden and folder in target.parents:
-            relation = "lies inside"
-        else:
-            continue
-        raise ValueError(
-            f"The output folder {output} {relation} {what} ({folder}): writing there could delete it; choose a new "
-            "folder for the converted checkpoint"
-        )
-
-
 def vision_model_id(vision_tower: str | Path, checkpoint: LlavaCheckpoint) -> str | None:
     """The vision tower's Hub id, for the model card: the argument, or the checkpoint's mm_vision_tower."""
     for candidate in (str(vision_tower), str(checkpoint.config.get("mm_vision_tower", ""))):
@@ -314,83 +285,6 @@ def vision_model_id(vision_tower: str | Path, checkpoint: LlavaCheckpoint) -> st
         if len(parts) == 2 and all(parts) and not candidate.startswith(".") and not Path(candidate).exists():
             return candidate
     return None
-
-
-STAGING_MARKER = ".tokenpacker-staging"  # in a staging folder: {"pid": ..., "created_parents": [...]}
-
-
-def staging_prefix(target: Path) -> str:
-    return f".{target.name}.converting-"
-
-
-def process_is_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
-
-
-def remove_empty_folders(folders: list[Path]):
-    """Removes each folder that is empty, deepest first."""
-    for folder in sorted(folders, key=lambda path: len(path.parts), reverse=True):
-        try:
-            folder.rmdir()
-        except OSError:
-            pass
-
-
-def remove_stale_staging(target: Path):
-    """Removes the staging folders that earlier conversions to `target` left when killed: those beside it that carry
-    our marker with the id of a process that is gone, and the parent folders those conversions created, if empty."""
-    if not target.parent.is_dir():
-        return
-    for folder in target.parent.glob(staging_prefix(target) + "*"):
-        try:
-            marker = json.loads((folder / STAGING_MARKER).read_text())
-            pid, created = int(marker["pid"]), [Path(path) for path in marker["created_parents"]]
-        except (OSError, ValueError, KeyError, TypeError):
-            continue  # not ours, or still being set up
-        if not process_is_alive(pid):
-            logger.info("Removing %s, left by an interrupted conversion (process %d)", folder, pid)
-            shutil.rmtree(folder, ignore_errors=True)
-            remove_empty_folders(created)
-
-
-class OutputFolder:
-    """A temporary folder beside `target` that replaces it only on `commit()`; `discard()` removes every trace,
-    including parent folders it had to create. The folder carries a marker (process id, created parents) so that a
-    later conversion to the same target removes it if this process is killed before it can clean up."""
-
-    def __init__(self, target: Path):
-        self.target = target
-        remove_stale_staging(target)
-        self.created_parents = [parent for parent in target.parents if not parent.exists()]
-        target.parent.mkdir(parents=True, exist_ok=True)
-        self.path = Path(tempfile.mkdtemp(prefix=staging_prefix(target), dir=target.parent))
-        marker = {"pid": os.getpid(), "created_parents": [str(parent.absolute()) for parent in self.created_parents]}
-        (self.path / STAGING_MARKER).write_text(json.dumps(marker))
-
-    def commit(self):
-        (self.path / STAGING_MARKER).unlink()
-        umask = os.umask(0)
-        os.umask(umask)
-        self.path.chmod(0o777 & ~umask)  # mkdtemp and some writers create owner-only entries
-        for file in self.path.iterdir():
-            file.chmod(0o666 & ~umask)
-        if self.target.exists() or self.target.is_symlink():
-            previous = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.replaced-", dir=self.target.parent))
-            self.target.rename(previous / self.target.name)
-            self.path.rename(self.target)
-            shutil.rmtree(previous)
-        else:
-            self.path.rename(self.target)
-
-    def discard(self):
-        shutil.rmtree(self.path, ignore_errors=True)
-        remove_empty_folders(self.created_parents)
 
 
 @dataclass(frozen=True)
@@ -424,11 +318,11 @@ def shapes_of(tensors: dict[str, TensorInfo]) -> dict[str, tuple[int, ...]]:
 
 
 def prepare_conversion(
-    checkpoint: str | Path, vision_tower: str | Path, dtype: torch.dtype | None, output: Path
+    checkpoint: str | Path, vision_tower: str | Path, dtype: torch.dtype | None, output: Path, timeout: float
 ) -> PreparedConversion:
     """Reads both sources' configs and tables of contents, builds the config and the tokenizer, maps every tensor."""
     original = LlavaCheckpoint(checkpoint)
-    vision_folder = vision_tower_folder(vision_tower)
+    vision_folder = vision_tower_folder(vision_tower, timeout)
     check_output_is_safe(output, {"the checkpoint folder": original.folder, "the vision tower folder": vision_folder})
     vision_config = read_vision_config(vision_folder)
     vision_files = CheckpointFiles(vision_folder, "vision tower")
@@ -455,7 +349,7 @@ def prepare_conversion(
     plan = plan_conversion(
         [(LLAVA, original.files, llava_tensors), (CLIP, vision_files, vision_tensors)],
         WeightMap(config.num_vision_layers_used),
-        expected_parameters(config),
+        model_parameters(config).shapes,
         len(new_tokens),
     )
     for reason, count in dropped_counts(plan).items():
@@ -476,6 +370,7 @@ def convert_checkpoint(
     command: str | None = None,
     push_to_hub: str | None = None,
     allow_non_finite: bool = False,
+    timeout: float = DEFAULT_TIMEOUT_S,
 ) -> ConversionResult:
     """Converts an original TokenPacker checkpoint into a safetensors folder that `from_pretrained` loads.
 
@@ -491,6 +386,8 @@ def convert_checkpoint(
         push_to_hub: a Hub repo id to publish the finished folder to (`tokenpacker.conversion.publish.publish_folder`,
             token from HF_TOKEN or the saved login).
         allow_non_finite: convert tensors that hold NaN or inf, or overflow `dtype`, instead of refusing them.
+        timeout: seconds without an answer after which a request to the Hub (downloading the vision tower,
+            publishing) gives up.
     """
     output = Path(output)
     local_sources = {"the checkpoint folder": Path(checkpoint)}
@@ -500,13 +397,14 @@ def convert_checkpoint(
     if (output.exists() or output.is_symlink()) and not force:
         raise FileExistsError(f"{output} already exists; pass --force (force=True) to replace it")
     shard_bytes = parse_size(max_shard_size)
-    prepared = prepare_conversion(checkpoint, vision_tower, resolve_dtype(dtype), output)
+    check_timeout(timeout)
+    prepared = prepare_conversion(checkpoint, vision_tower, resolve_dtype(dtype), output, timeout)
     config, plan = prepared.config, prepared.plan
     command = command or default_command(
         checkpoint, output, vision_tower, dtype, max_shard_size, force, verify, push_to_hub, allow_non_finite
     )
 
-    folder = OutputFolder(output)
+    folder = OutputFolder(output, activity="converting")
     try:
         weight_map, non_finite = write_weights(
             plan, folder.path, prepared.dtype, len(prepared.new_tokens), shard_bytes, allow_non_finite
@@ -539,7 +437,7 @@ def convert_checkpoint(
     published = None
     if push_to_hub:
         try:
-            published = publish_folder(output, push_to_hub)
+            published = publish_folder(output, push_to_hub, timeout=timeout)
         except PublishError as error:
             raise PublishError(
                 f"{error} (the converted folder {output} is complete: publish it with tokenpacker-publish)"
@@ -584,6 +482,10 @@ def main(argv: list[str] | None = None) -> int:
         metavar="REPO_ID",
         help="publish the finished folder to this Hub repo (token: HF_TOKEN or login)",
     )
+    parser.add_argument(
+        "--timeout", type=float, default=DEFAULT_TIMEOUT_S, metavar="SECONDS",
+        help=f"give up when the Hub sends no answer for this long (default: {DEFAULT_TIMEOUT_S:g})",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     command = shlex.join(["tokenpacker-convert", *(sys.argv[1:] if argv is None else argv)])
@@ -602,6 +504,7 @@ def main(argv: list[str] | None = None) -> int:
             command=command,
             push_to_hub=args.push_to_hub,
             allow_non_finite=args.allow_non_finite,
+            timeout=args.timeout,
         )
     except (ValueError, TypeError, OSError, PublishError) as error:
         print(f"tokenpacker-convert: error: {error}", file=sys.stderr)

@@ -1,7 +1,7 @@
 """The original TokenPacker release: a LLaVA folder (Llama config + mm_* fields, weights, sentencepiece tokenizer) and
 the stock CLIP checkpoint it names as its vision tower. Reads and validates both, and derives a TokenPackerConfig."""
 
-import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,13 +20,14 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from ..configuration import TokenPackerConfig
 from .checkpoint_files import (
-    SAFETENSORS_INDEX,
-    SAFETENSORS_SINGLE,
-    TORCH_INDEX,
-    TORCH_SINGLE,
+    SAFETENSORS,
+    TORCH,
     CheckpointFiles,
     TensorInfo,
+    read_index,
+    read_json,
 )
+from .hub_client import DEFAULT_TIMEOUT_S, HubTimeout, hub_requests_time_out, timed_out_server
 
 DEFAULT_VISION_TOWER = "openai/clip-vit-large-patch14-336"
 # Fixed in the original code, not in its config: the levels concatenated into keys and values
@@ -65,18 +66,6 @@ REQUIRED_LLAMA_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_
 ORIGINAL_PROJECTOR = "model.mm_projector."
 
 
-def read_json(path: Path, what: str) -> dict:
-    if not path.is_file():
-        raise FileNotFoundError(f"No {what} at {path}")
-    try:
-        content = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path} is not valid JSON: {error}") from error
-    if not isinstance(content, dict):
-        raise ValueError(f"{path} must hold a JSON object, got {type(content).__name__}")
-    return content
-
-
 def load_sentencepiece(model_file: Path) -> spm.SentencePieceProcessor:
     try:
         return spm.SentencePieceProcessor(model_file=str(model_file))
@@ -106,7 +95,7 @@ class LlavaCheckpoint:
         self.folder = Path(folder)
         if not self.folder.is_dir():
             raise FileNotFoundError(f"The checkpoint folder {self.folder} does not exist")
-        self.config = read_json(self.folder / "config.json", "LLaVA config")
+        self.config = read_json(self.folder / "config.json", "a LLaVA config")
         self._validate_config()
         self.tokenizer_model = self.folder / "tokenizer.model"
         if not self.tokenizer_model.is_file():
@@ -115,9 +104,11 @@ class LlavaCheckpoint:
                 "ids and the ',' and '\\n' separator ids"
             )
         tokenizer_config = self.folder / "tokenizer_config.json"
-        self.tokenizer_config = read_json(tokenizer_config, "tokenizer config") if tokenizer_config.exists() else {}
+        self.tokenizer_config = read_json(tokenizer_config, "a tokenizer config") if tokenizer_config.exists() else {}
         generation_config = self.folder / "generation_config.json"
-        self.generation_config = read_json(generation_config, "generation config") if generation_config.exists() else {}
+        self.generation_config = (
+            read_json(generation_config, "a generation config") if generation_config.exists() else {}
+        )
         self.files = CheckpointFiles(self.folder, "checkpoint")
 
     def _validate_config(self):
@@ -169,9 +160,9 @@ def is_hub_repo_id(name: str) -> bool:
     return True
 
 
-def vision_tower_folder(vision_tower: str | Path) -> Path:
+def vision_tower_folder(vision_tower: str | Path, timeout: float = DEFAULT_TIMEOUT_S) -> Path:
     """A local CLIP folder as is; otherwise a Hub repo id `namespace/name`, downloaded (config and one weight format
-    only, with huggingface_hub's connection and download timeouts)."""
+    only; every request gives up after `timeout` seconds without an answer)."""
     path = Path(vision_tower)
     if path.is_dir():
         return path
@@ -179,12 +170,27 @@ def vision_tower_folder(vision_tower: str | Path) -> Path:
         found = "it is a file" if path.exists() else "and it is no Hub repo id of the form namespace/name"
         raise FileNotFoundError(f"The vision tower folder {vision_tower} does not exist ({found})")
     try:
-        return download_vision_tower(str(vision_tower))
+        with hub_requests_time_out(timeout):
+            return download_vision_tower(str(vision_tower))
     except (HfHubHTTPError, OSError, httpx2.HTTPError) as error:  # the offline fallback's errors are OSErrors too
+        timed_out = next((cause for cause in causes(error) if isinstance(cause, HubTimeout)), None)
+        if timed_out is not None:
+            detail = f"{timed_out_server(timed_out, constants.ENDPOINT)} sent {timed_out}"
+        else:
+            detail = f"{type(error).__name__}: {error}"
         raise ValueError(
-            f"Cannot download the vision tower {vision_tower} from the Hub ({type(error).__name__}: {error}); if it "
+            f"Cannot download the vision tower {vision_tower} from the Hub at {constants.ENDPOINT} ({detail}); if it "
             f"is meant as a local folder, {vision_tower} does not exist"
         ) from error
+
+
+def causes(error: BaseException) -> Iterator[BaseException]:
+    """`error` and the errors it was raised from or while handling."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        yield error
+        error = error.__cause__ or error.__context__
 
 
 def download_vision_tower(repo_id: str) -> Path:
@@ -195,22 +201,24 @@ def download_vision_tower(repo_id: str) -> Path:
         return Path(hf_hub_download(repo_id, filename, etag_timeout=constants.HF_HUB_ETAG_TIMEOUT))
 
     folder = download("config.json").parent
-    for index_name, single_name in ((SAFETENSORS_INDEX, SAFETENSORS_SINGLE), (TORCH_INDEX, TORCH_SINGLE)):
-        for name in (index_name, single_name):
+    for weight_format in (SAFETENSORS, TORCH):
+        for name in (weight_format.index, weight_format.single):
             try:
                 file = download(name)
             except RemoteEntryNotFoundError:
                 continue
-            if name == index_name:
-                for shard in CheckpointFiles.read_index(file, folder).values():
+            if name == weight_format.index:
+                for shard in sorted(set(read_index(file, weight_format).values())):
                     download(shard)
             return folder
-    raise FileNotFoundError(f"The Hub repo {repo_id} holds no {SAFETENSORS_SINGLE} or {TORCH_SINGLE} (or their index)")
+    raise FileNotFoundError(
+        f"The Hub repo {repo_id} holds no {SAFETENSORS.single} or {TORCH.single} (or their index)"
+    )
 
 
 def read_vision_config(folder: Path) -> CLIPVisionConfig:
     """The vision part of a CLIPModel or CLIPVisionModel config.json."""
-    model_type = read_json(folder / "config.json", "vision tower config").get("model_type")
+    model_type = read_json(folder / "config.json", "a vision tower config").get("model_type")
     if model_type not in ("clip", "clip_vision_model"):
         raise ValueError(
             f"The vision tower at {folder} must be a CLIP checkpoint (model_type 'clip' or 'clip_vision_model'), "

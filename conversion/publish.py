@@ -10,14 +10,12 @@ same command once more. Every request to the Hub or its storage gives up after `
 import argparse
 import bz2
 import io
-import json
 import lzma
 import os
 import pickletools
 import sys
 import zipfile
 import zlib
-from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -25,24 +23,19 @@ from pathlib import Path
 
 import httpx2
 import numpy as np
-import torch
 import yaml
-from huggingface_hub import CommitInfo, CommitOperationAdd, HfApi, ModelCard, get_token, set_client_factory
+from huggingface_hub import CommitInfo, CommitOperationAdd, HfApi, ModelCard, get_token
 from huggingface_hub.errors import HfHubHTTPError
 from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, HFValidationError, filter_repo_objects, validate_repo_id
-from huggingface_hub.utils._http import default_client_factory, hf_request_event_hook
-from safetensors import SafetensorError, safe_open
 
 from ..configuration import TokenPackerConfig
-from ..modeling import TokenPackerForConditionalGeneration
-from .sizes import check_model_sizes
+from .checkpoint_files import SAFETENSORS, CheckpointFiles, few, read_json
+from .hub_client import DEFAULT_TIMEOUT_S, HubTimeout, check_timeout, hub_requests_time_out, timed_out_server
+from .sizes import check_model_sizes, model_parameters
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 PIPELINE_TAG = "image-text-to-text"
-SINGLE_WEIGHTS = "model.safetensors"
-WEIGHTS_INDEX = "model.safetensors.index.json"
 DEFAULT_COMMIT_MESSAGE = "Upload TokenPacker checkpoint"
-DEFAULT_TIMEOUT_S = 60.0
 RETRY_HINT = "nothing was published; run the command again"
 SNIFF_BYTES = 64
 COMPRESSED_SNIFF_BYTES = 64 * 1024  # also enough for an array header
@@ -64,36 +57,6 @@ COMPRESSED_STREAMS = {
 
 class PublishError(RuntimeError):
     """The Hub or the connection to it refused the upload."""
-
-
-class HubTimeout(httpx2.TransportError):
-    """A request got no answer in time. Not one of the errors huggingface_hub retries: the command stops at once."""
-
-
-class TimeLimitedClient(httpx2.Client):
-    """An HTTP client that sends every request with the client's timeout, whatever timeout the caller passed."""
-
-    def send(self, request: httpx2.Request, **kwargs) -> httpx2.Response:
-        request.extensions["timeout"] = self.timeout.as_dict()
-        try:
-            return super().send(request, **kwargs)
-        except httpx2.TimeoutException as err:
-            raise HubTimeout(f"no answer within {self.timeout.read:g} s", request=request) from err
-
-
-@contextmanager
-def hub_requests_time_out(seconds: float) -> Iterator[None]:
-    """Makes every request huggingface_hub sends (API calls and uploads to storage) give up after `seconds`."""
-
-    def client_factory() -> httpx2.Client:
-        hooks = {"request": [hf_request_event_hook]}
-        return TimeLimitedClient(event_hooks=hooks, follow_redirects=True, timeout=seconds)
-
-    set_client_factory(client_factory)
-    try:
-        yield
-    finally:
-        set_client_factory(default_client_factory)
 
 
 @dataclass(frozen=True)
@@ -185,7 +148,7 @@ def _zip_pickles(path: Path) -> str | None:
             names = archive.namelist()
             pickles = [name for name in names if name.lower().endswith((".pkl", ".pickle"))]
             if pickles:
-                return f"a zip archive with pickle members ({_few(pickles)})"
+                return f"a zip archive with pickle members ({few(pickles)})"
             for name in names:  # numpy reads every member that opens like an array as one, whatever its name
                 with archive.open(name) as member:
                     head = member.read(COMPRESSED_SNIFF_BYTES)
@@ -212,23 +175,11 @@ def check_no_pickles(folder: Path, files: list[FileToUpload]) -> None:
         )
 
 
-def read_json(path: Path, what: str):
-    """The parsed content of a JSON file; a ValueError naming the file if it is not UTF-8 JSON."""
-    try:
-        return json.loads(path.read_bytes().decode("utf-8"))
-    except UnicodeDecodeError as err:
-        raise ValueError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start}): expected {what}") from err
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON: {err}") from err
-
-
 def load_checkpoint_config(folder: Path) -> TokenPackerConfig:
     config_path = folder / "config.json"
     if not config_path.is_file():
         raise ValueError(f"{folder} is not a TokenPacker checkpoint: config.json is missing")
     config = read_json(config_path, "a JSON model configuration")
-    if not isinstance(config, dict):
-        raise ValueError(f"{config_path} must hold a JSON object, got {type(config).__name__}")
     model_type = config.get("model_type")
     if model_type != TokenPackerConfig.model_type:
         raise ValueError(f"{config_path} has model_type {model_type!r}, expected {TokenPackerConfig.model_type!r}")
@@ -238,72 +189,26 @@ def load_checkpoint_config(folder: Path) -> TokenPackerConfig:
         raise ValueError(f"{config_path} does not load as a TokenPackerConfig: {err}") from err
 
 
-def weight_files(folder: Path) -> dict[str, list[str] | None]:
-    """The safetensors files the checkpoint declares: shard name -> tensor names from the index (None if unsharded)."""
-    on_disk = sorted(path.name for path in folder.glob("*.safetensors"))
-    index_path = folder / WEIGHTS_INDEX
-    if not index_path.is_file():
-        if on_disk != [SINGLE_WEIGHTS]:
-            raise ValueError(
-                f"{folder} must hold its weights as {SINGLE_WEIGHTS} or as shards listed in {WEIGHTS_INDEX}, "
-                f"found safetensors files {on_disk}"
-            )
-        return {SINGLE_WEIGHTS: None}
-    index = read_json(index_path, "a safetensors index")
-    weight_map = index.get("weight_map") if isinstance(index, dict) else None
-    if not isinstance(weight_map, dict):
-        raise ValueError(f"{index_path} is not a safetensors index: expected a JSON object with a 'weight_map' object")
-    not_file_names = sorted(f"{name}: {shard!r}" for name, shard in weight_map.items() if not isinstance(shard, str))
-    if not_file_names:
-        raise ValueError(f"{index_path} maps tensors to shard names that are not strings: {_few(not_file_names)}")
-    shards: dict[str, list[str]] = defaultdict(list)
-    for name, shard in weight_map.items():
-        shards[shard].append(name)
-    missing = sorted(set(shards) - set(on_disk))
-    if missing:
-        raise ValueError(f"{WEIGHTS_INDEX} lists shards that are missing from {folder}: {missing}")
-    unlisted = sorted(set(on_disk) - set(shards))
-    if unlisted:
-        raise ValueError(f"{folder} holds safetensors files that {WEIGHTS_INDEX} does not list: {unlisted}")
-    return dict(shards)
-
-
 def read_weight_shapes(folder: Path) -> dict[str, list[int]]:
-    """Tensor name -> shape over every declared safetensors file, checked against the index when sharded."""
-    shapes: dict[str, list[int]] = {}
-    for shard, indexed_names in weight_files(folder).items():
-        try:
-            with safe_open(folder / shard, framework="pt") as weights:
-                shard_shapes = {name: weights.get_slice(name).get_shape() for name in weights.keys()}
-        except SafetensorError as err:
-            raise ValueError(f"{folder / shard} is not a readable safetensors file: {err}") from err
-        if indexed_names is not None and set(indexed_names) != set(shard_shapes):
-            differing = sorted(set(indexed_names) ^ set(shard_shapes))
-            raise ValueError(f"{shard} does not hold the tensors {WEIGHTS_INDEX} maps to it: {_few(differing)}")
-        shapes.update(shard_shapes)
-    return shapes
+    """Tensor name -> shape over the safetensors files the folder declares, checked against the index when sharded."""
+    tensors = CheckpointFiles(folder, "checkpoint", formats=(SAFETENSORS,)).inventory()
+    return {name: list(info.shape) for name, info in tensors.items()}
 
 
-def check_weights_match_model(folder: Path, config: TokenPackerConfig) -> None:
+def check_weights_match_model(folder: Path, config: TokenPackerConfig, shapes: dict[str, list[int]]) -> None:
     """Compares the checkpoint's tensor names and shapes with the model the config builds (on the meta device)."""
-    shapes = read_weight_shapes(folder)
     check_model_sizes(folder / "config.json", config, shapes)
-    with torch.device("meta"):
-        model = TokenPackerForConditionalGeneration(config)
-    aliases: dict[int, list[str]] = defaultdict(list)  # tied parameters share one tensor under several names
-    expected_shapes = {}
-    for name, tensor in model.state_dict(keep_vars=True).items():
-        aliases[id(tensor)].append(name)
-        expected_shapes[name] = list(tensor.shape)
+    expected = model_parameters(config)
+    expected_shapes = {name: list(shape) for name, shape in expected.shapes.items()}
     unexpected = sorted(set(shapes) - set(expected_shapes))
-    missing = sorted(names[0] for names in aliases.values() if not any(name in shapes for name in names))
+    missing = sorted(names[0] for names in expected.tied_groups if not any(name in shapes for name in names))
     wrong_shape = sorted(
         f"{name} {shapes[name]} (expected {expected_shapes[name]})"
         for name in set(shapes) & set(expected_shapes)
         if shapes[name] != expected_shapes[name]
     )
     problems = [
-        f"{label}: {_few(names)}"
+        f"{label}: {few(names)}"
         for label, names in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong_shape))
         if names
     ]
@@ -339,9 +244,9 @@ def check_checkpoint_folder(folder: str | Path) -> list[FileToUpload]:
         raise ValueError(f"expected a checkpoint folder, got {str(folder)!r}, which is not a directory")
     files = list_folder_files(folder)
     check_no_pickles(folder, files)
-    read_weight_shapes(folder)  # the weights' table of contents is checked before the config builds anything
+    shapes = read_weight_shapes(folder)  # the weights' table of contents is checked before the config builds anything
     config = load_checkpoint_config(folder)
-    check_weights_match_model(folder, config)
+    check_weights_match_model(folder, config, shapes)
     check_model_card(folder)
     return files
 
@@ -368,10 +273,7 @@ def hub_step(action: str, endpoint: str) -> Iterator[None]:
 
 def _publish_error(err: Exception, action: str, endpoint: str) -> PublishError:
     if isinstance(err, HubTimeout):
-        url = err.request.url
-        origin = f"{url.scheme}://{url.netloc.decode('ascii')}"
-        server = endpoint if endpoint.startswith(origin) else f"{origin} (storage of the Hub at {endpoint})"
-        return PublishError(f"{server} sent {err} while {action}; {RETRY_HINT}")
+        return PublishError(f"{timed_out_server(err, endpoint)} sent {err} while {action}; {RETRY_HINT}")
     if isinstance(err, httpx2.TransportError):
         cause = f"{type(err).__name__}: {err}"
         return PublishError(f"the connection to {endpoint} failed while {action} ({cause}); {RETRY_HINT}")
@@ -410,8 +312,7 @@ def publish_folder(
     Each request gives up after `timeout` seconds without an answer; a repository this call created is deleted
     again if the upload fails."""
     check_repo_id(repo_id)
-    if not timeout > 0:
-        raise ValueError(f"timeout must be a positive number of seconds, got {timeout}")
+    check_timeout(timeout)
     files = check_checkpoint_folder(folder)
     branch = revision or "main"
     if dry_run:
@@ -456,11 +357,6 @@ def _delete_new_repository(api: HfApi, repo_id: str) -> str:
     return f"the repository {repo_id}, created by this command, was deleted again"
 
 
-def _few(names: list[str], limit: int = 5) -> str:
-    shown = ", ".join(names[:limit])
-    return shown if len(names) <= limit else f"{shown} and {len(names) - limit} more"
-
-
 def _describe_files(result: PublishResult) -> str:
     width = max(len(file.path_in_repo) for file in result.files)
     lines = [f"  {file.path_in_repo:<{width}}  {file.size:>15,} bytes" for file in result.files]
@@ -502,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
             endpoint=args.endpoint,
             timeout=args.timeout,
         )
-    except (ValueError, TypeError, PublishError) as err:
+    except (ValueError, TypeError, OSError, PublishError) as err:
         message = "; ".join(line.strip() for line in str(err).splitlines() if line.strip())
         print(f"tokenpacker-publish: error: {message}", file=sys.stderr)
         return 1

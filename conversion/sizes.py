@@ -1,13 +1,19 @@
-"""A config's sizes (layer counts, widths, vocabulary) against the tensor names and shapes of its weights.
+"""A config's sizes (layer counts, widths, vocabulary) against the tensor names and shapes of its weights, and the
+tensors the model a config builds holds.
 
-Runs before any model is built from a config, even on the meta device: a config that says a million layers must be
-refused in milliseconds, not allocate the module tree it describes.
+The size checks run before any model is built from a config, even on the meta device: a config that says a million
+layers must be refused in milliseconds, not allocate the module tree it describes.
 """
 
 import re
+from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+import torch
+
+from ..modeling import TokenPackerForConditionalGeneration
 
 MAX_SIZE = 2**24  # above every layer count, width and vocabulary of a real checkpoint
 
@@ -117,12 +123,36 @@ def check_model_sizes(where: str | Path, config, shapes: Mapping[str, Sequence[i
     )
 
 
+@dataclass(frozen=True)
+class ModelParameters:
+    """The state dict of TokenPackerForConditionalGeneration for a config: every name with its shape, and the groups
+    of names that share one tensor (tied weights; a group of one for the others)."""
+
+    shapes: dict[str, torch.Size]
+    tied_groups: list[list[str]]
+
+
+def model_parameters(config) -> ModelParameters:
+    """The tensors the model `config` builds holds, from a model on the meta device (no memory, no initialisation).
+    Check the config's sizes first (`check_model_sizes`)."""
+    with torch.device("meta"):
+        model = TokenPackerForConditionalGeneration(config)
+    groups: dict[int, list[str]] = defaultdict(list)
+    shapes = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        groups[id(tensor)].append(name)
+        shapes[name] = tensor.shape
+    return ModelParameters(shapes, list(groups.values()))
+
+
 __all__ = [
     "CONVERTED_TEXT",
     "CONVERTED_VISION",
     "ORIGINAL_TEXT",
     "ORIGINAL_VISION",
+    "ModelParameters",
     "TowerLayout",
     "check_model_sizes",
     "check_sizes_match_weights",
+    "model_parameters",
 ]

@@ -5,7 +5,6 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from ..configuration import TokenPackerConfig
 from ..modeling import TokenPackerProjector
@@ -23,7 +22,9 @@ def original_projector_formula(
     """The original TokenPacker projector on its own weights (names as in `model.mm_projector.*`, prefix removed).
 
     Sequence-first tensors, regions gathered with the original's reshapes (one batch entry per region and image,
-    regions row-major, images inner; the s*s keys of a region row-major) and `nn.MultiheadAttention`.
+    regions row-major, images inner; the s*s keys of a region row-major) and `nn.MultiheadAttention`'s computation.
+    The one implementation of the original formula: the conversion verifies against it, and `tokenpacker.testing`'s
+    `OriginalTokenPacker` (the tests' and benchmarks' reference) runs it.
     patch_features: (images, grid*grid, vision); multi_level_features: (images, grid*grid, vision * levels).
     """
 
@@ -55,16 +56,23 @@ def original_projector_formula(
         sequence = sequence.reshape(coarse, s, coarse, s, images, width).permute(1, 3, 0, 2, 4, 5)
         return sequence.reshape(s * s, coarse * coarse * images, width)
 
-    attention = nn.MultiheadAttention(width, num_heads, device=key.device, dtype=key.dtype)
-    attention.load_state_dict(
-        {
-            "in_proj_weight": weights["clip_attn.in_proj_weight"],
-            "in_proj_bias": weights["clip_attn.in_proj_bias"],
-            "out_proj.weight": weights["clip_attn.out_proj.weight"],
-            "out_proj.bias": weights["clip_attn.out_proj.bias"],
-        }
-    )
-    packed = attention(query.reshape(1, -1, width), regions(key), regions(value), need_weights=False)[0]
+    packed = F.multi_head_attention_forward(  # what the original's nn.MultiheadAttention computes
+        query.reshape(1, -1, width),
+        regions(key),
+        regions(value),
+        embed_dim_to_check=width,
+        num_heads=num_heads,
+        in_proj_weight=weights["clip_attn.in_proj_weight"],
+        in_proj_bias=weights["clip_attn.in_proj_bias"],
+        bias_k=None,
+        bias_v=None,
+        add_zero_attn=False,
+        dropout_p=0.0,
+        out_proj_weight=weights["clip_attn.out_proj.weight"],
+        out_proj_bias=weights["clip_attn.out_proj.bias"],
+        training=False,
+        need_weights=False,
+    )[0]
     packed = packed.reshape(coarse * coarse, images, width).permute(1, 0, 2)
     return two_layer(packed, "mlp")  # (images, coarse*coarse, text hidden)
 

@@ -1,7 +1,7 @@
 """Tiny models, built locally, for tests."""
 
 from tokenpacker import TokenPackerConfig
-from tokenpacker.conversion import train_llama_sentencepiece
+from tokenpacker.processing import train_llama_sentencepiece
 
 IMAGE_TOKEN_ID = 120
 
@@ -86,7 +86,7 @@ def tiny_chat_config(model_file, image_aspect_ratio="pad", **overrides):
 def tiny_processor(folder, image_aspect_ratio="pad"):
     """A TokenPackerProcessor (36 tokens per crop); its sentencepiece model goes to `folder / "tokenizer.model"`."""
     from tokenpacker import TokenPackerProcessor
-    from tokenpacker.conversion import fast_tokenizer_from_sentencepiece
+    from tokenpacker.processing import fast_tokenizer_from_sentencepiece
 
     model_file = train_sentencepiece(folder / "tokenizer.model")
     config = tiny_chat_config(model_file, image_aspect_ratio)

@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 from transformers import CLIPConfig, CLIPModel, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
 
 from .builders import train_sentencepiece
-from .reference import OriginalTokenPacker
+from tokenpacker.testing import OriginalTokenPacker, original_llava_config
 
 VISION = dict(
     hidden_size=32,
@@ -114,40 +114,6 @@ def write_clip_checkpoint(folder: Path, layout: str = "clip_model", weights: str
     return state
 
 
-def llava_config(image_aspect_ratio: str, scale_factor: int, patch_num: int | None, dtype: torch.dtype) -> dict:
-    """config.json as LLaVA's training script saves it (LlavaConfig = LlamaConfig + mm_* fields)."""
-    config = {
-        "_name_or_path": "lmsys/vicuna-7b-v1.5",
-        "architectures": ["LlavaLlamaForCausalLM"],
-        "model_type": "llava",
-        **TEXT,
-        "vocab_size": VOCAB,
-        "initializer_range": 0.02,
-        "pretraining_tp": 1,
-        "rope_scaling": None,
-        "tie_word_embeddings": False,
-        "use_cache": True,
-        "torch_dtype": str(dtype).removeprefix("torch."),
-        "transformers_version": "4.31.0",
-        "freeze_mm_mlp_adapter": False,
-        "image_aspect_ratio": image_aspect_ratio,
-        "image_grid_pinpoints": None,
-        "mm_hidden_size": VISION["hidden_size"],
-        "mm_projector_type": "tokenpacker",
-        "mm_use_im_patch_token": False,
-        "mm_use_im_start_end": False,
-        "mm_vision_select_feature": "patch",
-        "mm_vision_select_layer": -2,
-        "mm_vision_tower": "openai/clip-vit-large-patch14-336",
-        "scale_factor": scale_factor,
-        "tune_mm_mlp_adapter": False,
-        "use_mm_proj": True,
-    }
-    if patch_num is not None:
-        config["patch_num"] = patch_num
-    return config
-
-
 def _write_shards(folder: Path, state: dict[str, torch.Tensor], weights: str, shards: int):
     names = list(state)
     per_shard = math.ceil(len(names) / shards)
@@ -215,7 +181,9 @@ def write_original_release(
     state["lm_head.weight"] = language_model["lm_head.weight"]
     _write_shards(checkpoint, state, weights, shards)
 
-    config = llava_config(image_aspect_ratio, scale_factor, patch_num, dtype)
+    config = original_llava_config(
+        dict(TEXT, vocab_size=VOCAB), VISION["hidden_size"], image_aspect_ratio, scale_factor, patch_num, dtype
+    )
     (checkpoint / "config.json").write_text(json.dumps(config, indent=2))
     (checkpoint / "generation_config.json").write_text(
         json.dumps({"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, "transformers_version": "4.31.0"})

@@ -18,7 +18,7 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 from tokenpacker.conversion import convert as convert_module
-from tokenpacker.conversion import convert_checkpoint, original_projector_formula
+from tokenpacker.conversion import convert_checkpoint
 from tokenpacker.conversion.convert import main
 from tokenpacker.conversion.publish import publish_folder
 from transformers import (
@@ -35,7 +35,7 @@ from tokenpacker import TokenPackerForConditionalGeneration
 
 from .hub_server import HubServer, hub_environment, point_huggingface_hub_at
 from .original_checkpoints import GRID, TEXT, VOCAB, clip_config, write_original_release
-from .reference import OriginalTokenPacker
+from tokenpacker.testing import OriginalTokenPacker
 from .remote_process import run_without_tokenpacker
 
 IMAGE = -200  # where an image goes in a prompt, like the original's IMAGE_TOKEN_INDEX
@@ -391,12 +391,22 @@ def test_command_line_entry_points(monkeypatch, capsys):
 
 
 @pytest.mark.parametrize("scale_factor", [2, 3, 4])
-def test_the_verification_formula_matches_the_reference_projector(scale_factor):
+def test_the_original_formula_packs_each_region_into_its_own_token(scale_factor):
+    """Region-to-point attention (TOKENPACKER.md section 1, step 3): a key/value patch of image n at (row, column)
+    reaches only token (row // s, column // s) of image n, for every patch."""
     original = OriginalTokenPacker(32, 4, 48, 8, 64, scale_factor, GRID).randomize(3).eval()
-    x, x_multi = torch.randn(3, GRID * GRID, 32), torch.randn(3, GRID * GRID, 128)
+    x, x_multi = torch.randn(2, GRID * GRID, 32), torch.randn(2, GRID * GRID, 128)
+    coarse = GRID // scale_factor
     with torch.no_grad():
-        ours = original_projector_formula(original.state_dict(), x, x_multi, scale_factor, 8)
-        torch.testing.assert_close(ours, original(x, x_multi), atol=1e-5, rtol=1e-5)
+        before = original(x, x_multi)
+        for patch in range(GRID * GRID):
+            changed = x_multi.clone()
+            changed[1, patch] += 1.0
+            moved = (original(x, changed) - before).abs().amax(dim=-1) > 1e-6  # (images, coarse*coarse)
+            row, column = divmod(patch, GRID)
+            expected = torch.zeros(2, coarse * coarse, dtype=torch.bool)
+            expected[1, (row // scale_factor) * coarse + column // scale_factor] = True
+            assert torch.equal(moved, expected), patch
 
 
 def test_hub_vision_tower_and_push_to_hub(pad_release, tmp_path, monkeypatch, capsys):
@@ -458,8 +468,13 @@ BROKEN = {
     "missing shard": (
         lambda c: (c / "pytorch_model-00003-of-00003.bin").unlink(),
         FileNotFoundError,
-        r"index .*pytorch_model\.bin\.index\.json names shards that are not in .*: "
+        r"index .*pytorch_model\.bin\.index\.json lists shards that are missing from .*: "
         r"\['pytorch_model-00003-of-00003\.bin'\]",
+    ),
+    "undeclared shard": (
+        lambda c: (c / "pytorch_model-00004-of-00004.bin").write_bytes((c / "pytorch_model.bin.index.json").read_bytes()),
+        ValueError,
+        r"holds torch files that pytorch_model\.bin\.index\.json does not list: \['pytorch_model-00004-of-00004\.bin'\]",
     ),
     "mlp projector": (
         lambda c: edit_config(c, mm_projector_type="mlp2x_gelu"),

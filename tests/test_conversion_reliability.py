@@ -23,10 +23,11 @@ from tokenpacker.conversion import convert as convert_module
 from tokenpacker.conversion import original_checkpoint
 from tokenpacker.conversion import shards as shards_module
 from tokenpacker.conversion.convert import main
+from tokenpacker.staging import remove_stale_staging
 
 from transformers import AutoModelForImageTextToText
 
-from .hub_server import point_huggingface_hub_at
+from .hub_server import SilentServer, point_huggingface_hub_at
 from .original_checkpoints import TEXT, VOCAB, write_original_release
 
 
@@ -537,7 +538,7 @@ def test_a_conversion_removes_what_a_killed_one_left_and_nothing_else(release, t
     stale.mkdir()
     marker = {"pid": process.pid, "created_parents": [str(output.parent)]}  # the killed process
     (stale / ".tokenpacker-staging").write_text(json.dumps(marker))
-    convert_module.remove_stale_staging(output)
+    remove_stale_staging(output, "converting")
     assert list((tmp_path / "work").iterdir()) == []
 
 
@@ -579,4 +580,32 @@ def test_an_unreachable_hub_gives_one_line_naming_the_vision_tower(release, tmp_
     assert err.startswith("tokenpacker-convert: error: Cannot download the vision tower openai/clip-tiny from the Hub")
     assert "if it is meant as a local folder, openai/clip-tiny does not exist" in err
     assert time.monotonic() - start < 30
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_hub_that_never_answers_stops_the_download_after_the_timeout(release, tmp_path, monkeypatch, capsys):
+    with SilentServer() as silent:
+        point_huggingface_hub_at(monkeypatch, silent.endpoint, tmp_path / "hf_home")
+        start = time.monotonic()
+        code, err = convert_cli(
+            capsys, "--checkpoint", release.checkpoint, "--vision-tower", "openai/clip-tiny", "--output",
+            tmp_path / "out", "--timeout", "1",
+        )
+        seconds = time.monotonic() - start
+    assert code == 1 and "Traceback" not in err and err.count("\n") == 1
+    assert err.startswith(
+        f"tokenpacker-convert: error: Cannot download the vision tower openai/clip-tiny from the Hub at "
+        f"{silent.endpoint} ({silent.endpoint} sent no answer within 1 s)"
+    )
+    assert seconds < 10
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("timeout", ["0", "-1", "inf", "nan"])
+def test_a_timeout_that_is_not_a_positive_number_of_seconds_is_refused(timeout, release, tmp_path, capsys):
+    code, err = convert_cli(
+        capsys, "--checkpoint", release.checkpoint, "--output", tmp_path / "out", "--timeout", timeout
+    )
+    expected = f"timeout must be a positive number of seconds, got {float(timeout)!r}"
+    assert (code, err) == (1, f"tokenpacker-convert: error: {expected}\n")
     assert not (tmp_path / "out").exists()

@@ -71,3 +71,17 @@ def test_hd_and_output_go_with_the_random_model(capsys):
     with pytest.raises(SystemExit):
         main(["--hd"])
     assert "--hd and --output go with --random" in capsys.readouterr().err
+
+
+def test_an_interrupted_build_leaves_nothing_and_the_next_run_builds_afresh(tmp_path, monkeypatch, capsys):
+    from tokenpacker import demo
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(demo, "save_random_checkpoint", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run(capsys, "--output", str(tmp_path / "new" / "demo"))
+    assert list(tmp_path.iterdir()) == []  # no half-built model, no staging folder, no parent it created
+    monkeypatch.undo()
+    assert "Built a random-weight TokenPacker model" in run(capsys, "--output", str(tmp_path / "new" / "demo"))

@@ -35,7 +35,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from tokenpacker.conversion import convert_checkpoint, fast_tokenizer_from_sentencepiece
+from tokenpacker.conversion import convert_checkpoint
+from tokenpacker.processing import fast_tokenizer_from_sentencepiece
 from tokenpacker.shapes import PRETRAINED, conversation, render_scene
 
 from .builders import train_sentencepiece
@@ -69,11 +70,11 @@ REPLACEMENTS = [
     ('convert_checkpoint(\n    "TokenPacker-7b-144token",', 'convert_checkpoint(\n    "{original}",'),
     ("openai/clip-vit-large-patch14-336", "{clip}"),
     ("lmsys/vicuna-7b-v1.5", "{llm}"),
-    ("--bf16", "--bf16 --use_cpu"),
-    ("shapes data --output_dir runs/shapes", "shapes data --output_dir runs/shapes --num_train 16 --num_test 6"),
-    ("--max_steps 3000", "--max_steps 2"),
-    ("--tokenpacker_model runs/tiny-shapes", "--tokenpacker_model runs/tiny-shapes --probe_train 12 --probe_test 6"),
-    ("ship --model runs/tiny-shapes --force", "ship --model runs/tiny-shapes --output_dir runs/shipped"),
+    ("--bf16", "--bf16 --use-cpu"),
+    ("shapes data --output-dir runs/shapes", "shapes data --output-dir runs/shapes --num-train 16 --num-test 6"),
+    ("--max-steps 3000", "--max-steps 2"),
+    ("--tokenpacker-model runs/tiny-shapes", "--tokenpacker-model runs/tiny-shapes --probe-train 12 --probe-test 6"),
+    ("ship --model runs/tiny-shapes --force", "ship --model runs/tiny-shapes --output-dir runs/shipped"),
     ("benchmarks/analytic.py", "benchmarks/analytic.py --llm 7B"),
     ("benchmarks/image_processing.py", "benchmarks/image_processing.py --seconds 0.1 --rounds 1"),
 ]

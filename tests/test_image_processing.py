@@ -3,52 +3,17 @@
 import http.server
 import json
 import threading
-from functools import lru_cache, partial
+from functools import partial
 
 import numpy as np
 import PIL.Image
 import pytest
 import torch
-from transformers import AutoImageProcessor, CLIPImageProcessorPil
+from transformers import AutoImageProcessor
 
 from tokenpacker import TokenPackerImageProcessor, export_remote_code
 from tokenpacker.processing.image_processing_tokenpacker import select_slice_grid
-
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
-
-@lru_cache(maxsize=None)
-def photo(height, width, seed=0):
-    """A deterministic RGB image with smooth gradients and noise, so that every resampling detail shows."""
-    rng = np.random.default_rng(seed)
-    ys, xs = np.mgrid[0:height, 0:width]
-    base = np.stack([xs * 255 / max(width, 1), ys * 255 / max(height, 1), (xs + ys) % 256], axis=-1)
-    noisy = base + rng.normal(0, 25, size=(height, width, 3))
-    return PIL.Image.fromarray(noisy.clip(0, 255).astype(np.uint8), "RGB")
-
-
-# --- 'pad' reference: LLaVA-1.5's expand2square, then CLIP's own image processor -------------------------------
-
-
-def reference_expand2square(image, background):
-    width, height = image.size
-    if width == height:
-        return image
-    side = max(width, height)
-    square = PIL.Image.new(image.mode, (side, side), background)
-    square.paste(image, (0, (side - height) // 2) if width > height else ((side - width) // 2, 0))
-    return square
-
-
-CLIP_PROCESSOR = CLIPImageProcessorPil(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336})
-
-
-def reference_pad(image):
-    background = tuple(int(m * 255) for m in CLIP_MEAN)
-    square = reference_expand2square(image.convert("RGB"), background)
-    return CLIP_PROCESSOR(square, return_tensors="pt")["pixel_values"]
-
+from tokenpacker.testing import photo, reference_grids, reference_pad, reference_slice
 
 def test_pad_background_is_the_clip_mean_colour():
     assert tuple(int(m * 255) for m in TokenPackerImageProcessor().image_mean) == (122, 116, 104)
@@ -344,67 +309,6 @@ def test_per_call_settings_override_the_stored_ones():
     assert torch.equal(per_call["pixel_values"], stored["pixel_values"])
     assert torch.equal(per_call["image_grids"], stored["image_grids"])
     assert processor.image_aspect_ratio == "pad"
-
-
-# --- 'slice' reference: TokenPacker-HD, written from TOKENPACKER.md section 3 --------------------------------------
-
-# The candidate grids (rows x columns) of the three tables, in order; the 25 table repeats 4x6 and 6x4.
-GRID_TABLES = {
-    9: "1x1 1x2 2x1 1x3 3x1 2x2 1x4 4x1 1x5 5x1 1x6 6x1 2x3 3x2 1x7 7x1 4x2 2x4 1x8 8x1 3x3 1x9 9x1",
-    16: "2x5 5x2 2x6 6x2 3x4 4x3 2x7 7x2 3x5 5x3 2x8 8x2 4x4",
-    25: "3x6 6x3 2x9 9x2 4x5 5x4 2x10 10x2 3x7 7x3 11x2 2x11 4x6 6x4 12x2 2x12 3x8 8x3 4x6 6x4 5x5",
-}
-
-
-def candidate_grids(max_slices):
-    tables = [table for limit, table in GRID_TABLES.items() if limit <= max_slices]
-    return [tuple(int(n) for n in grid.split("x")) for table in tables for grid in table.split()]
-
-
-def reference_grids(heights, widths, max_slices, block=336):
-    """Grid choice for many image sizes at once, in float32 torch arithmetic like the original."""
-    grids = candidate_grids(max_slices)
-    box_hw = torch.tensor(grids) * block  # (G, 2) int64
-    box_area = box_hw[:, 0] * box_hw[:, 1]  # int64
-    size = torch.stack([torch.as_tensor(heights), torch.as_tensor(widths)], dim=1)  # (N, 2) int64
-    ratio = (box_hw[None] / size[:, None]).min(dim=-1).values  # (N, G) float32
-    filled = torch.round(size[:, :1] * ratio) * torch.round(size[:, 1:] * ratio) / box_area
-    enlarged = size * 1.4  # (N, 2) float32, the enlarged image box starts at the origin like every candidate
-    overlap = torch.minimum(box_hw[None], enlarged[:, None]).clamp(min=0)  # (N, G, 2)
-    inter = overlap[..., 0] * overlap[..., 1]
-    union = box_area + (enlarged[:, 0] * enlarged[:, 1])[:, None] - inter
-    score = filled + (inter / (union + 1e-5)) * 0.1
-    return [grids[i] for i in score.argmax(dim=1).tolist()]
-
-
-def reference_fit(height, width, target_height, target_width):
-    h_ratio, w_ratio = target_height / height, target_width / width
-    if h_ratio <= w_ratio:
-        new_height, new_width = target_height, min(target_width, round(width * h_ratio))
-    else:
-        new_height, new_width = min(target_height, round(height * w_ratio)), target_width
-    return max(new_height, 1), max(new_width, 1)  # never below one pixel (the original fails on such slivers)
-
-
-def reference_slice(image, max_slices, block=336):
-    rgb = torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1).float().div(255)  # ToTensor
-    pixels = (rgb - torch.tensor(CLIP_MEAN)[:, None, None]) / torch.tensor(CLIP_STD)[:, None, None]  # Normalize
-    height, width = pixels.shape[-2:]
-    (h_block, w_block) = reference_grids([height], [width], max_slices, block)[0]
-
-    new_h, new_w = reference_fit(height, width, block * h_block, block * w_block)
-    canvas = torch.zeros(1, 3, block * h_block, block * w_block)
-    canvas[:, :, :new_h, :new_w] = torch.nn.functional.interpolate(pixels[None], size=(new_h, new_w), mode="bilinear")
-    crops = []
-    for row in range(h_block):
-        for column in range(w_block):
-            crops.append(canvas[0, :, row * block : (row + 1) * block, column * block : (column + 1) * block])
-    if len(crops) > 1:
-        new_h, new_w = reference_fit(height, width, block, block)  # the ORIGINAL size, applied to the canvas
-        thumbnail = torch.zeros(3, block, block)
-        thumbnail[:, :new_h, :new_w] = torch.nn.functional.interpolate(canvas, size=(new_h, new_w), mode="bilinear")[0]
-        crops.append(thumbnail)
-    return torch.stack(crops), (h_block, w_block)
 
 
 SWEEP = sorted(

@@ -20,7 +20,7 @@ import torch
 from tokenpacker import TokenPackerImageProcessor
 
 from .builders import tiny_processor
-from .test_image_processing import CLIP_STD, photo, reference_pad
+from tokenpacker.testing import CLIP_STD, photo, reference_pad
 
 LEVEL = 1 / (255 * torch.tensor(CLIP_STD)[:, None, None])  # one 8-bit level after normalization, per channel
 

@@ -13,7 +13,7 @@ from tokenpacker.configuration.compat_tokenpacker import (
 )
 
 from .builders import IMAGE_TOKEN_ID, tiny_config
-from .reference import OriginalTokenPacker, load_original_projector
+from tokenpacker.testing import OriginalTokenPacker, load_original_projector
 
 TOKENS = 36  # 12x12 patch grid packed with scale factor 2
 

@@ -83,7 +83,7 @@ def test_get_image_features_returns_the_projected_crops_as_pooler_output(built, 
     torch.testing.assert_close(explicit.pooler_output, default.pooler_output, atol=0, rtol=0)
     torch.testing.assert_close(pooled, default.pooler_output, atol=0, rtol=0)
     kept = [index for index, state in enumerate(hidden_states) if state is not None]
-    assert kept == ([2, 3, 4, 5] if HIDDEN_STATES_SELECTABLE else [0, 1, 2, 3, 4, 5])
+    assert kept == ([2, 3, 4, 5] if HIDDEN_STATES_SELECTABLE else [0, 1, 2, 3, 4, 5])  # see test_modeling
     torch.testing.assert_close(last_hidden_state, hidden_states[5], atol=0, rtol=0)
 
 

@@ -1,11 +1,11 @@
-"""The projector against an independent reference of the original formula (tests/reference.py)."""
+"""The projector against an independent reference of the original formula (tokenpacker.testing)."""
 
 import pytest
 import torch
 
 from tokenpacker import TokenPackerConfig, TokenPackerProjector
 
-from .reference import OriginalTokenPacker, load_original_projector
+from tokenpacker.testing import OriginalTokenPacker, load_original_projector
 
 
 def projector_pair(vision_size, levels, width, heads, text_size, scale_factor, grid):

@@ -234,8 +234,8 @@ def write_index(folder, change) -> None:
         ("config not an object", "config.json must hold a JSON object, got list"),
         ("card not UTF-8", "README.md is not UTF-8 text (invalid continuation byte at byte"),
         ("index not UTF-8", "model.safetensors.index.json is not UTF-8 text (invalid start byte at byte 0)"),
-        ("index map of lists", "model.safetensors.index.json maps tensors to shard names that are not strings: "
-                               "lm_head.weight: ['model-00001-of-00004.safetensors']"),
+        ("index map of lists", "model.safetensors.index.json: the 'weight_map' must map tensor names to file names "
+                               "(in the folder), got lm_head.weight: ['model-00001-of-00004.safetensors']"),
         ("index map not an object", "model.safetensors.index.json is not a safetensors index: expected a JSON object"),
     ],
 )

@@ -1,6 +1,8 @@
 """The tiny-shapes task: deterministic scenes, the shipped model's held-out accuracy, and `ship`."""
 
 import json
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -138,6 +140,33 @@ def test_ship_refuses_to_replace_a_folder_unless_forced(trained_folder, tmp_path
     assert f"Copied 7 files of {trained_folder} to {output}: config.json, " in capsys.readouterr().out
     assert sorted(path.name for path in output.iterdir()) == sorted(SHIPPED_FILES)
     assert sorted(path.name for path in tmp_path.iterdir()) == ["shipped", "trained"]  # no staging folder left
+
+
+def test_ship_never_replaces_the_trained_folder_it_reads(trained_folder, capsys):
+    before = {path.name: path.read_bytes() for path in trained_folder.iterdir()}
+    for output in (trained_folder, trained_folder.parent):
+        with pytest.raises(SystemExit):
+            main(["ship", "--model", str(trained_folder), "--output-dir", str(output), "--force"])
+        assert "writing there could delete it; choose a new folder for the shipped model" in capsys.readouterr().err
+    assert {path.name: path.read_bytes() for path in trained_folder.iterdir()} == before
+
+
+def test_ship_stages_beside_the_target_and_removes_what_a_killed_ship_left(trained_folder, tmp_path, monkeypatch):
+    output = tmp_path / "shipped"
+    stale = tmp_path / ".shipped.shipping-stale"  # left by a killed process: its marker names a process that is gone
+    stale.mkdir()
+    (stale / ".tokenpacker-staging").write_text(json.dumps({"pid": 2**22 + 1, "created_parents": []}))
+    staged = []
+
+    def failing_copy(source, target):
+        staged.append(Path(target).parent)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(shutil, "copyfile", failing_copy)
+    with pytest.raises(OSError, match="No space left on device"):
+        ship(trained_folder, output)
+    assert staged[0].parent == tmp_path and staged[0].name.startswith(".shipped.shipping-")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["trained"]  # neither the stale nor the failed copy
 
 
 def test_ship_names_the_files_a_folder_lacks(trained_folder, tmp_path):

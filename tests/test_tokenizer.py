@@ -5,7 +5,7 @@ import random
 import sentencepiece as spm
 from transformers import AutoTokenizer
 
-from tokenpacker.conversion import fast_tokenizer_from_sentencepiece
+from tokenpacker.processing import fast_tokenizer_from_sentencepiece
 
 from .builders import train_sentencepiece
 

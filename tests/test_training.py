@@ -31,6 +31,7 @@ from tokenpacker.training import (
     DataArguments,
     ModelArguments,
     TokenPackerTrainingArguments,
+    argument_parser,
     chat_messages,
     encode_conversation,
     main,
@@ -247,9 +248,9 @@ def test_conversations_must_be_well_formed(workspace):
         chat_messages(turns + [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": "2"}], 0, "<image>")
     with pytest.raises(ValueError, match="The first question holds 0 <image> markers for 1 images"):
         chat_messages([{"from": "human", "value": "hi"}, {"from": "gpt", "value": "1"}], 1, "<image>")
-    with pytest.raises(ValueError, match="Give either --model_name_or_path"):
+    with pytest.raises(ValueError, match="Give either --model-name-or-path"):
         ModelArguments(vision_tower="v")
-    with pytest.raises(ValueError, match="--lora_enable adapts the language model, which only stage 2 trains"):
+    with pytest.raises(ValueError, match="--lora-enable adapts the language model, which only stage 2 trains"):
         ModelArguments(model_name_or_path="m", stage=1, lora_enable=True)
 
 
@@ -344,32 +345,50 @@ def command_arguments(workspace, output) -> list[str]:
     """`tokenpacker-train` arguments: a new model from the workspace's tower and language model, 2 steps of 2 scenes
     per process, a checkpoint at step 2."""
     return [
-        "--vision_tower", str(workspace / "vision"),
-        "--language_model", str(workspace / "text"),
-        "--vision_feature_layer", "-1",
-        "--multi_level_feature_layers", "1", "2", "3", "4",
-        "--projector_num_heads", "4",
-        "--data_path", str(workspace / "data" / "train.json"),
-        "--output_dir", str(output),
-        "--per_device_train_batch_size", "2",
-        "--max_steps", "2",
-        "--save_steps", "2",
-        "--use_cpu",
-        "--report_to", "none",
-        "--disable_tqdm", "true",
+        "--vision-tower", str(workspace / "vision"),
+        "--language-model", str(workspace / "text"),
+        "--vision-feature-layer", "-1",
+        "--multi-level-feature-layers", "1", "2", "3", "4",
+        "--projector-num-heads", "4",
+        "--data-path", str(workspace / "data" / "train.json"),
+        "--output-dir", str(output),
+        "--per-device-train-batch-size", "2",
+        "--max-steps", "2",
+        "--save-steps", "2",
+        "--use-cpu",
+        "--report-to", "none",
+        "--disable-tqdm", "true",
     ]  # fmt: skip
+
+def test_options_read_with_dashes_and_with_underscores_alike(workspace, capsys):
+    dashes = command_arguments(workspace, workspace / "out") + ["--lora-enable", "--learning-rate", "0.5"]
+    underscores = [
+        "--" + argument[2:].replace("-", "_") if argument.startswith("--") else argument for argument in dashes
+    ]
+    assert "--max_steps" in underscores and "--per_device_train_batch_size" in underscores
+    parsed = [argument_parser().parse_args_into_dataclasses(args=arguments) for arguments in (dashes, underscores)]
+    assert parsed[0][:2] == parsed[1][:2]  # model and data arguments
+    assert parsed[0][2].to_dict() == parsed[1][2].to_dict() and parsed[0][2].max_steps == 2
+    assert parsed[0][0].lora_enable and parsed[0][2].learning_rate == 0.5
+
+    with pytest.raises(SystemExit):
+        argument_parser().parse_args(["--help"])
+    usage = capsys.readouterr().out
+    assert "--max-steps MAX_STEPS, --max_steps MAX_STEPS" in usage  # dashes first, underscores as the alias
+    assert "--model-name-or-path MODEL_NAME_OR_PATH, --model_name_or_path" in usage
+
 
 def test_activation_checkpointing_argument_turns_on_the_installed_librarys_checkpointing():
     parser = HfArgumentParser(TokenPackerTrainingArguments)
-    (on,) = parser.parse_args_into_dataclasses(["--output_dir", "out", "--use_cpu", "--activation_checkpointing"])
-    (off,) = parser.parse_args_into_dataclasses(["--output_dir", "out", "--use_cpu"])
+    (on,) = parser.parse_args_into_dataclasses(["--output-dir", "out", "--use-cpu", "--activation-checkpointing"])
+    (off,) = parser.parse_args_into_dataclasses(["--output-dir", "out", "--use-cpu"])
     name = training_activation_checkpointing_argument()
     assert getattr(on, name) is True and not getattr(off, name)
 
 
 def test_the_command_saves_checkpoints_that_reload(workspace):
     output = workspace / "cli"
-    main([*command_arguments(workspace, output), "--activation_checkpointing", "--bf16"])
+    main([*command_arguments(workspace, output), "--activation-checkpointing", "--bf16"])
     checkpoint = TokenPackerForConditionalGeneration.from_pretrained(output / "checkpoint-2")
     final = TokenPackerForConditionalGeneration.from_pretrained(output)
     for name, weight in final.state_dict().items():
@@ -423,17 +442,17 @@ def test_lora_trains_adapters_and_saves_a_merged_model(workspace):
 
 
 def test_bf16_without_a_bfloat16_device_is_one_clear_error(workspace, monkeypatch):
-    """The Trainer's rule: bfloat16 needs a GPU (or XLA device) that supports it, unless --use_cpu."""
+    """The Trainer's rule: bfloat16 needs a GPU (or XLA device) that supports it, unless --use-cpu."""
     import tokenpacker.training as training
 
     monkeypatch.setattr(training, "is_torch_bf16_gpu_available", lambda: False)
     monkeypatch.setattr(training, "is_torch_xla_available", lambda: False)
-    arguments = [argument for argument in command_arguments(workspace, workspace / "bf16") if argument != "--use_cpu"]
+    arguments = [argument for argument in command_arguments(workspace, workspace / "bf16") if argument != "--use-cpu"]
     with pytest.raises(SystemExit) as exit_info:
         main([*arguments, "--bf16"])
     assert exit_info.value.code == (
         "tokenpacker-train: error: --bf16 needs a GPU with bfloat16 support and this machine has none: "
-        "leave out --bf16, or add --use_cpu to train on the CPU"
+        "leave out --bf16, or add --use-cpu to train on the CPU"
     )
     assert not (workspace / "bf16").exists()
 

@@ -25,8 +25,9 @@ from transformers import AutoModelForImageTextToText, AutoProcessor, pipeline
 
 from . import TokenPackerConfig, TokenPackerForConditionalGeneration, TokenPackerProcessor, __version__
 from .building import generation_config_for
-from .conversion import fast_tokenizer_from_sentencepiece, train_llama_sentencepiece
+from .processing import fast_tokenizer_from_sentencepiece, train_llama_sentencepiece
 from .shapes import PRETRAINED, QUESTIONS, render_scene
+from .staging import OutputFolder
 
 DEMO_IMAGE = files("tokenpacker") / "assets" / "demo.png"
 QUESTION = "What shapes are in this image, and what colour are they?"
@@ -104,14 +105,17 @@ def save_random_checkpoint(
 
 
 def build_demo_checkpoint(folder: str | os.PathLike, hd: bool) -> Path:
-    """Trains the demo's sentencepiece tokenizer and saves a random-weight demo model with it in `folder`."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = random.Random(0)
-    sentences = [" ".join(rng.choice(VOCABULARY_WORDS) for _ in range(12)) for _ in range(3000)]
-    model_file = train_llama_sentencepiece(folder / "tokenizer.model", sentences, vocab_size=500)
-    torch.manual_seed(0)
-    return save_random_checkpoint(folder, demo_config(model_file, hd), model_file)
+    """Trains the demo's sentencepiece tokenizer and saves a random-weight demo model with it in `folder`, built
+    beside it and moved into place once complete (`tokenpacker.staging`), so that an interrupted build leaves no
+    folder that looks like a model."""
+    with OutputFolder(folder, activity="building") as staging:
+        rng = random.Random(0)
+        sentences = [" ".join(rng.choice(VOCABULARY_WORDS) for _ in range(12)) for _ in range(3000)]
+        model_file = train_llama_sentencepiece(staging.path / "tokenizer.model", sentences, vocab_size=500)
+        torch.manual_seed(0)
+        save_random_checkpoint(staging.path, demo_config(model_file, hd), model_file)
+        staging.commit()
+    return Path(folder)
 
 
 def default_folder(hd: bool) -> Path:

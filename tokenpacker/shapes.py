@@ -6,7 +6,7 @@ patch of the tiny model's tower, under 1% of the image) on a light grey backgrou
 the 15 or so around them, into one of 9 tokens. Every scene comes from its own seed ("train-17", "test-3"), so the
 data are the same on every machine and the held-out scenes never appear in training.
 
-    python -m tokenpacker.shapes data --output_dir runs/shapes --num_train 16000 --num_test 600
+    python -m tokenpacker.shapes data --output-dir runs/shapes --num-train 16000 --num-test 600
 
 `base` writes the random tower and language model that training starts from, `evaluate` scores a trained model on
 the held-out scenes and `ship` copies a trained model into the package (`tokenpacker/pretrained/tiny-shapes`), where
@@ -17,7 +17,6 @@ import argparse
 import json
 import random
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,8 +24,9 @@ import torch
 from PIL import Image, ImageDraw
 from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from .conversion import fast_tokenizer_from_sentencepiece, train_llama_sentencepiece
+from .processing import fast_tokenizer_from_sentencepiece, train_llama_sentencepiece
 from .processing.processing_tokenpacker import VICUNA_V1_SYSTEM_PROMPT
+from .staging import OutputFolder, check_output_is_safe
 
 PRETRAINED = Path(__file__).parent / "pretrained" / "tiny-shapes"
 # What a shipped model keeps of a trained folder: the package's own classes load it, so the exported remote code (and
@@ -210,29 +210,23 @@ def without_auto_map(settings: dict) -> dict:
 
 def ship(model_dir: str | Path, output_dir: str | Path = PRETRAINED, force: bool = False) -> Path:
     """Copies the files of a trained model that the package ships (`SHIPPED_FILES`, JSON without `auto_map`) into
-    `output_dir`, replacing an existing folder only with `force`. The copy is written beside the target and moved
-    into place once complete."""
+    `output_dir`, replacing an existing folder only with `force` and never the trained folder itself. The copy is
+    written beside the target and moved into place once complete (`tokenpacker.staging`)."""
     model_dir, output_dir = Path(model_dir), Path(output_dir)
     missing = [name for name in SHIPPED_FILES if not (model_dir / name).is_file()]
     if missing:
         raise FileNotFoundError(f"{model_dir} is not a trained TokenPacker folder: it lacks {', '.join(missing)}")
+    check_output_is_safe(output_dir, {"the trained model folder": model_dir}, written="the shipped model")
     if output_dir.exists() and any(output_dir.iterdir()) and not force:
         raise FileExistsError(f"{output_dir} exists and is not empty: pass force=True (--force) to replace it")
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}-", dir=output_dir.parent))
-    staging.chmod(0o755)  # mkdtemp's folder is private; the shipped one is read by every user of the package
-    try:
+    with OutputFolder(output_dir, activity="shipping") as staging:
         for name in SHIPPED_FILES:
             if name.endswith(".json"):
                 settings = without_auto_map(json.loads((model_dir / name).read_text()))
-                (staging / name).write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
+                (staging.path / name).write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
             else:
-                shutil.copyfile(model_dir / name, staging / name)
-        if output_dir.exists():
-            shutil.rmtree(output_dir)
-        staging.rename(output_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+                shutil.copyfile(model_dir / name, staging.path / name)
+        staging.commit()
     return output_dir
 
 
@@ -240,23 +234,26 @@ def main(argv: list[str] | None = None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     data = commands.add_parser("data", help="write the train and test sets")
-    data.add_argument("--output_dir", required=True)
-    data.add_argument("--num_train", type=int, default=16000)
-    data.add_argument("--num_test", type=int, default=600)
+    data.add_argument("--output-dir", "--output_dir", dest="output_dir", required=True)
+    data.add_argument("--num-train", "--num_train", dest="num_train", type=int, default=16000)
+    data.add_argument("--num-test", "--num_test", dest="num_test", type=int, default=600)
     base = commands.add_parser("base", help="write the random tower and language model that training starts from")
-    base.add_argument("--output_dir", required=True)
+    base.add_argument("--output-dir", "--output_dir", dest="output_dir", required=True)
     scores = commands.add_parser("evaluate", help="accuracy of a trained model on held-out scenes")
     scores.add_argument("--model", required=True, help="a TokenPacker folder")
-    scores.add_argument("--data_path", required=True, help="test.json of `data`")
+    scores.add_argument("--data-path", "--data_path", dest="data_path", required=True, help="test.json of `data`")
     shipped = commands.add_parser("ship", help="copy a trained model into the package, where the demo loads it")
     shipped.add_argument("--model", required=True, help="the trained TokenPacker folder")
-    shipped.add_argument("--output_dir", default=str(PRETRAINED), help="default: the package's tiny-shapes folder")
+    shipped.add_argument(
+        "--output-dir", "--output_dir", dest="output_dir", default=str(PRETRAINED),
+        help="default: the package's tiny-shapes folder",
+    )
     shipped.add_argument("--force", action="store_true", help="replace an existing folder")
     args = parser.parse_args(argv)
     if args.command == "ship":
         try:
             folder = ship(args.model, args.output_dir, args.force)
-        except (FileNotFoundError, FileExistsError) as error:
+        except (OSError, ValueError) as error:
             parser.error(str(error))
         print(f"Copied {len(SHIPPED_FILES)} files of {args.model} to {folder}: {', '.join(SHIPPED_FILES)}")
     elif args.command == "data":

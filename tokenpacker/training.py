@@ -1,15 +1,15 @@
 """Training TokenPacker models with transformers' `Trainer`: `tokenpacker-train`.
 
 Stage 1 trains the projector alone (vision tower and language model frozen); stage 2 trains the projector and the
-language model, or LoRA adapters on it (`--lora_enable`). The data are LLaVA-style conversations: a JSON list of
+language model, or LoRA adapters on it (`--lora-enable`). The data are LLaVA-style conversations: a JSON list of
 `{"image": "path", "conversations": [{"from": "human", "value": "<image>\\n..."}, {"from": "gpt", "value": "..."}]}`;
 the loss covers the assistant's answers (and their end-of-sequence token) only. On one machine it runs as it is; on
 several GPUs or machines the same command runs under `accelerate launch --config_file tokenpacker/configs/fsdp.yaml`
 (or `deepspeed_zero2.yaml`, `deepspeed_zero3.yaml`).
 
-    tokenpacker-train --vision_tower openai/clip-vit-large-patch14-336 --language_model lmsys/vicuna-7b-v1.5 \\
-        --stage 1 --data_path blip_laion_cc_sbu_558k.json --image_folder images --output_dir runs/stage1 --bf16
-    tokenpacker-train --model_name_or_path runs/stage1 --stage 2 --data_path llava_v1_5_mix665k.json ...
+    tokenpacker-train --vision-tower openai/clip-vit-large-patch14-336 --language-model lmsys/vicuna-7b-v1.5 \\
+        --stage 1 --data-path blip_laion_cc_sbu_558k.json --image-folder images --output-dir runs/stage1 --bf16
+    tokenpacker-train --model-name-or-path runs/stage1 --stage 2 --data-path llava_v1_5_mix665k.json ...
 """
 
 import json
@@ -43,7 +43,7 @@ class ModelArguments:
         default=None, metadata={"help": "A TokenPacker folder to go on from (e.g. stage 1's output)."}
     )
     vision_tower: str | None = field(
-        default=None, metadata={"help": "A CLIP-like vision tower to build a new model from, with --language_model."}
+        default=None, metadata={"help": "A CLIP-like vision tower to build a new model from, with --language-model."}
     )
     language_model: str | None = field(
         default=None, metadata={"help": "A causal language model (with its tokenizer) to build a new model from."}
@@ -68,16 +68,16 @@ class ModelArguments:
     def __post_init__(self):
         if (self.model_name_or_path is None) == (self.vision_tower is None or self.language_model is None):
             raise ValueError(
-                "Give either --model_name_or_path (a TokenPacker model) or both --vision_tower and --language_model, "
+                "Give either --model-name-or-path (a TokenPacker model) or both --vision-tower and --language-model, "
                 f"got model_name_or_path={self.model_name_or_path!r}, vision_tower={self.vision_tower!r}, "
                 f"language_model={self.language_model!r}"
             )
         if self.model_name_or_path is not None and (self.vision_tower or self.language_model):
-            raise ValueError("--vision_tower and --language_model build a new model: leave out --model_name_or_path")
+            raise ValueError("--vision-tower and --language-model build a new model: leave out --model-name-or-path")
         if self.stage not in (1, 2):
             raise ValueError(f"--stage must be 1 or 2, got {self.stage}")
         if self.lora_enable and self.stage != 2:
-            raise ValueError("--lora_enable adapts the language model, which only stage 2 trains")
+            raise ValueError("--lora-enable adapts the language model, which only stage 2 trains")
 
     def projector_settings(self) -> dict:
         """The settings of a new model's TokenPackerConfig."""
@@ -115,26 +115,26 @@ class DataArguments:
 class TokenPackerTrainingArguments(TrainingArguments):
     remove_unused_columns: bool = field(default=False, metadata={"help": "Keep pixel_values for the model."})
     projector_lr: float | None = field(
-        default=None, metadata={"help": "Learning rate of the projector (default: --learning_rate)."}
+        default=None, metadata={"help": "Learning rate of the projector (default: --learning-rate)."}
     )
     vision_tower_lr: float | None = field(
-        default=None, metadata={"help": "Learning rate of a trained vision tower (default: --learning_rate)."}
+        default=None, metadata={"help": "Learning rate of a trained vision tower (default: --learning-rate)."}
     )
     if training_activation_checkpointing_argument() == "gradient_checkpointing":
-        # Where the library still calls it gradient checkpointing, --activation_checkpointing turns that on.
         activation_checkpointing: bool = field(
             default=False, metadata={"help": "Recompute activations in the backward pass to save memory."}
         )
 
     def __post_init__(self):
         if training_activation_checkpointing_argument() == "gradient_checkpointing":
+            # Where the library still calls it gradient checkpointing, --activation-checkpointing turns that on.
             self.gradient_checkpointing = self.gradient_checkpointing or self.activation_checkpointing
         # The Trainer's own rule for bfloat16: a GPU (or XLA device) that supports it, unless it runs on the CPU.
         if (self.bf16 or self.bf16_full_eval) and not self.use_cpu:
             if not is_torch_bf16_gpu_available() and not is_torch_xla_available():
                 raise ValueError(
                     "--bf16 needs a GPU with bfloat16 support and this machine has none: leave out --bf16, "
-                    "or add --use_cpu to train on the CPU"
+                    "or add --use-cpu to train on the CPU"
                 )
         super().__post_init__()
 
@@ -364,7 +364,7 @@ def make_trainer(
     """Freezes what the stage keeps fixed, adds LoRA if asked, and wires the data into a Trainer."""
     fsdp = training_args.fsdp or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true")
     if model_args.lora_enable and (fsdp or is_deepspeed_zero3_enabled()):
-        raise ValueError("--lora_enable merges the adapters into full weights at the end: use DDP or DeepSpeed ZeRO-2")
+        raise ValueError("--lora-enable merges the adapters into full weights at the end: use DDP or DeepSpeed ZeRO-2")
     set_trainable(model, model_args.stage, model_args.train_vision_tower)
     if model_args.lora_enable:
         model = add_lora(model, model_args)
@@ -389,8 +389,18 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
     return trainer
 
 
+def argument_parser(*dataclass_types, prog: str = "tokenpacker-train") -> HfArgumentParser:
+    """An HfArgumentParser over `dataclass_types` (default: the model, data and training arguments) whose options
+    read with dashes, like every tokenpacker command (`--max-steps`); HfArgumentParser accepts the underscore
+    spelling of transformers' examples (`--max_steps`) too, shown second."""
+    parser = HfArgumentParser(dataclass_types or (ModelArguments, DataArguments, TokenPackerTrainingArguments), prog=prog)
+    for action in parser._actions:
+        action.option_strings.sort(key=lambda option: "_" in option)
+    return parser
+
+
 def main(argv: list[str] | None = None):
-    parser = HfArgumentParser((ModelArguments, DataArguments, TokenPackerTrainingArguments))
+    parser = argument_parser()
     try:
         model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
     except ValueError as error:

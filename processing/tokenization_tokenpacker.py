@@ -1,4 +1,8 @@
-"""A fast tokenizer that gives exactly the ids of the original slow LLaMA (sentencepiece) tokenizer."""
+"""A fast tokenizer that gives exactly the ids of the original slow LLaMA (sentencepiece) tokenizer.
+
+Used to build tokenizers (conversion, the demo, the tiny-shapes task), never by a saved model: it needs `tokenizers`
+and `sentencepiece`, so the processor modules exported as remote code must not import it.
+"""
 
 import io
 import os
@@ -83,3 +87,6 @@ def train_llama_sentencepiece(path: str | os.PathLike, sentences, vocab_size: in
     path = Path(path)
     path.write_bytes(model.getvalue())
     return path
+
+
+__all__ = ["IMAGE_TOKEN", "PAD_TOKEN", "fast_tokenizer_from_sentencepiece", "train_llama_sentencepiece"]
