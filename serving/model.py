@@ -71,9 +71,13 @@ class TokenPackerProcessingInfo(BaseProcessingInfo):
         crop = config.vision_config.image_size
         if config.image_aspect_ratio == "pad":
             return ImageSize(width=crop, height=crop)
-        grids = [(rows, columns) for rows in range(1, config.max_slices + 1) for columns in range(1, config.max_slices + 1)]
-        sizes = [ImageSize(width=crop * columns, height=crop * rows) for rows, columns in grids
-                 if rows * columns <= config.max_slices]
+        blocks = range(1, config.max_slices + 1)
+        sizes = [
+            ImageSize(width=crop * columns, height=crop * rows)
+            for rows in blocks
+            for columns in blocks
+            if rows * columns <= config.max_slices
+        ]
         return max(sizes, key=lambda size: self.get_num_image_tokens(image_width=size.width, image_height=size.height))
 
     def get_mm_max_tokens_per_item(self, seq_len: int, mm_counts: Mapping[str, int]) -> Mapping[str, int]:

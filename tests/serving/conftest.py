@@ -1,4 +1,4 @@
-"""The serving tests need vLLM: without it they are skipped, or fail where TOKENPACKER_REQUIRE_VLLM=1 (CI's vLLM job)."""
+"""The serving tests need vLLM: without it they are skipped, or fail where TOKENPACKER_REQUIRE_VLLM=1 (CI's job)."""
 
 import importlib.util
 import os

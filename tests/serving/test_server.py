@@ -16,6 +16,8 @@ from tokenpacker.shapes import PRETRAINED, render_scene
 
 from .helpers import REPO_ROOT, vllm_environment
 
+SERVED_NAME = "tokenpacker/pretrained/tiny-shapes"  # what the docs' command serves, from the repository root
+DOCS = REPO_ROOT / "docs" / "serving.md"
 STARTUP_TIMEOUT = 420  # seconds until the server answers /health
 REQUEST_TIMEOUT = 120
 
@@ -48,7 +50,7 @@ def server(tmp_path_factory):
     port = free_port()
     command = [
         sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", str(PRETRAINED),
-        "--host", "127.0.0.1", "--port", str(port), "--served-model-name", "tiny-shapes",
+        "--host", "127.0.0.1", "--port", str(port), "--served-model-name", SERVED_NAME,
         "--dtype", "float32", "--max-model-len", "512", "--enforce-eager", "--limit-mm-per-prompt", '{"image": 1}',
     ]  # fmt: skip
     log_path = tmp_path / "server.log"
@@ -90,7 +92,7 @@ def image_part(image) -> dict:
 def chat(question: str, images: list) -> dict:
     content = [*map(image_part, images), {"type": "text", "text": question}]
     return {
-        "model": "tiny-shapes",
+        "model": SERVED_NAME,
         "messages": [{"role": "user", "content": content}],
         "temperature": 0,
         "max_tokens": 8,
@@ -111,3 +113,19 @@ def test_two_images_over_the_limit_of_one_get_vllms_error(server):
     status, body = request(f"{server}/v1/chat/completions", chat("What colour is the shape?", [scene.image] * 2))
     assert status == 400, body
     assert "At most 1 image(s) may be provided in one prompt" in body["error"]["message"]
+
+
+def documented_client_example() -> str:
+    """The OpenAI client block of docs/serving.md."""
+    section = DOCS.read_text().split("## Serve with the OpenAI API", 1)[1].split("\n## ", 1)[0]
+    return section.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def test_the_documented_openai_client_example_answers(server, tmp_path, capsys):
+    scene = render_scene("test", 2)
+    scene.image.save(tmp_path / "photo.jpg", quality=95)
+    source = documented_client_example()
+    assert "http://127.0.0.1:8000/v1" in source and "photo.jpg" in source
+    source = source.replace("http://127.0.0.1:8000/v1", f"{server}/v1").replace("photo.jpg", str(tmp_path / "photo.jpg"))
+    exec(compile(source, str(DOCS), "exec"), {"__name__": "__docs__"})
+    assert capsys.readouterr().out.strip() == scene.colour
