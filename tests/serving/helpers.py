@@ -50,7 +50,8 @@ def run_vllm_greedy(model_dir: Path, requests: list[dict], tmp_path: Path, timeo
 
 
 def transformers_greedy(model_dir: Path, requests: list[dict]) -> list[dict]:
-    """The same requests through the package's processor and transformers' `generate`, one at a time."""
+    """The same requests through the package's processor and transformers' `generate`, one at a time: prompt ids,
+    greedy ids and their log-probabilities (of the logits with `<image>` and `<pad>` suppressed)."""
     from PIL import Image
 
     processor = TokenPackerProcessor.from_pretrained(model_dir)
@@ -62,8 +63,11 @@ def transformers_greedy(model_dir: Path, requests: list[dict]) -> list[dict]:
         inputs = processor(images=images, text=request["prompt"], return_tensors="pt")
         with torch.no_grad():
             generated = model.generate(
-                **inputs, do_sample=False, max_new_tokens=request["max_tokens"], suppress_tokens=suppressed
-            )
+                **inputs, do_sample=False, max_new_tokens=request["max_tokens"], suppress_tokens=suppressed,
+                output_scores=True, return_dict_in_generate=True,
+            )  # fmt: skip
         prompt_ids = inputs["input_ids"][0].tolist()
-        results.append({"prompt_token_ids": prompt_ids, "token_ids": generated[0, len(prompt_ids) :].tolist()})
+        token_ids = generated.sequences[0, len(prompt_ids) :].tolist()
+        logprobs = [score[0].log_softmax(-1)[token].item() for score, token in zip(generated.scores, token_ids)]
+        results.append({"prompt_token_ids": prompt_ids, "token_ids": token_ids, "logprobs": logprobs})
     return results

@@ -3,7 +3,8 @@
     python -m tests.serving.vllm_greedy MODEL_DIR REQUESTS_JSON OUTPUT_JSON
 
 REQUESTS_JSON lists {"prompt": str, "images": [PNG paths], "max_tokens": int}; OUTPUT_JSON gets, per request,
-{"prompt_token_ids": [...], "token_ids": [...], "text": str}.
+{"prompt_token_ids": [...], "token_ids": [...], "logprobs": [...], "text": str}: the log-probability of each
+generated token.
 """
 
 import json
@@ -30,12 +31,15 @@ def main(model_dir: str, requests_path: str, output_path: str):
         {"prompt": request["prompt"], "multi_modal_data": {"image": [Image.open(path) for path in request["images"]]}}
         for request in requests
     ]
-    params = [SamplingParams(temperature=0.0, max_tokens=request["max_tokens"]) for request in requests]
+    params = [SamplingParams(temperature=0.0, max_tokens=request["max_tokens"], logprobs=0) for request in requests]
     outputs = llm.generate(prompts, params)
     results = [
         {
             "prompt_token_ids": list(output.prompt_token_ids),
             "token_ids": list(output.outputs[0].token_ids),
+            "logprobs": [
+                step[token].logprob for step, token in zip(output.outputs[0].logprobs, output.outputs[0].token_ids)
+            ],
             "text": output.outputs[0].text,
         }
         for output in outputs
