@@ -16,6 +16,8 @@ The tables:
   become local folders and files built once per session ({name} fields), long runs get smaller arguments.
 - REAL_SIZE: commands that take minutes and GBs at the real model sizes; skipped by name unless
   TOKENPACKER_DOCS_FULL=1.
+- VLLM_ENVIRONMENT: commands and Python blocks (by a line they hold) that run in vLLM's environment (.venv-vllm), not
+  in this suite's; skipped by name, with where they do run.
 Shell blocks run in bash (`set -e`) with the running interpreter for `.venv/bin/python` and `python`, its folder
 (the console scripts) first on PATH, and huggingface_hub pointed at a Hub server on 127.0.0.1 (`your-name` may
 write there). Python blocks run in this process, each in a fresh namespace.
@@ -87,6 +89,19 @@ REAL_SIZE = {
     "python benchmarks/conversion_memory.py --size-gb 3 --shard-gb 1": "writes and converts a 4 GB checkpoint",
 }
 
+VLLM_ENVIRONMENT = {
+    "bash serving/setup_cpu_env.sh": "builds .venv-vllm (minutes): the vLLM job of .ci/run runs it",
+    "VLLM_CPU_KVCACHE_SPACE=1 VLLM_CACHE_ROOT=/tmp/vllm-cache .venv-vllm/bin/vllm serve "
+    "tokenpacker/pretrained/tiny-shapes \\\n    --dtype float32 --max-model-len 512 "
+    "--limit-mm-per-prompt '{\"image\": 1}'": (
+        "vllm serve in .venv-vllm: tests/serving/test_server.py starts it this way"
+    ),
+    "from openai import OpenAI": "a client of vllm serve: tests/serving/test_server.py runs this block against it",
+    ".venv-vllm/bin/python benchmarks/serving.py": (
+        "four vLLM engines in .venv-vllm (minutes): its results are in docs/serving.md"
+    ),
+}
+
 
 @dataclass(frozen=True)
 class Block:
@@ -137,11 +152,15 @@ def shell_commands(text: str) -> list[str]:
 
 BLOCKS = [entry for page in PAGES for entry in read_blocks(page)]
 NOT_RUN_HERE = [  # (test id, command, reason): commands taken out of their blocks
-    (f"{name}::{command.split(' #')[0].strip()[:90]}", command, "needs a GPU" if GPU_MARK.search(command) else None)
+    (
+        f"{name}::{command.split(' #')[0].strip()[:90]}",
+        command,
+        "needs a GPU" if GPU_MARK.search(command) else VLLM_ENVIRONMENT.get(command),
+    )
     for name, block in BLOCKS
     if block.is_shell
     for command in shell_commands(block.text)
-    if GPU_MARK.search(command) or command in REAL_SIZE
+    if GPU_MARK.search(command) or command in REAL_SIZE or command in VLLM_ENVIRONMENT
 ]
 
 
@@ -255,7 +274,7 @@ def test_documented_block_runs(block, places, hub, workspaces, monkeypatch, caps
         else:
             commands = [
                 command for command in shell_commands(block.text)
-                if not GPU_MARK.search(command) and command not in REAL_SIZE
+                if not GPU_MARK.search(command) and command not in REAL_SIZE and command not in VLLM_ENVIRONMENT
             ]  # fmt: skip
         if not commands:
             pytest.skip("every command of this block is reported on its own (see test_command_not_run_here)")
@@ -265,6 +284,9 @@ def test_documented_block_runs(block, places, hub, workspaces, monkeypatch, caps
         return
     if GPU_MARK.search(block.text):
         pytest.skip("needs a GPU")
+    for line, reason in VLLM_ENVIRONMENT.items():
+        if line in block.text:
+            pytest.skip(reason)
     server, home = hub
     point_huggingface_hub_at(monkeypatch, server.endpoint, home / "in_process")
     monkeypatch.setenv("HF_TOKEN", HUB_TOKEN)
@@ -291,7 +313,7 @@ def test_command_not_run_here(command, reason, places, hub, workspaces):
 def test_the_tables_name_only_what_the_docs_hold():
     """A table entry that no block uses any more is stale: the docs changed under it."""
     texts = [block.text for _, block in BLOCKS]
-    for documented in [*SETUP_COMMANDS, *REAL_SIZE]:
+    for documented in [*SETUP_COMMANDS, *REAL_SIZE, *VLLM_ENVIRONMENT]:
         assert any(documented in text for text in texts), documented
     for documented, _ in REPLACEMENTS:
         assert any(documented in text for text in texts), documented
