@@ -29,6 +29,7 @@ from transformers import AutoModelForImageTextToText
 
 from .hub_server import SilentServer, point_huggingface_hub_at
 from .original_checkpoints import TEXT, VOCAB, write_original_release
+from .test_modeling_reliability import assert_inputs_embeds_give_the_input_ids_logits
 
 
 @pytest.fixture(scope="module")
@@ -278,14 +279,7 @@ def test_a_converted_model_gives_the_same_logits_from_ids_and_from_embeddings(co
     attention_mask = (input_ids != pad).long()
     assert attention_mask[0, :2].tolist() == [0, 0] and attention_mask[1].all()  # left padding in the first row
     pixel_values = torch.randn(2, 3, 336, 336, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        from_ids = model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values).logits
-        embeddings = model.get_input_embeddings()(input_ids)
-        from_embeddings = model(
-            inputs_embeds=embeddings, attention_mask=attention_mask, pixel_values=pixel_values
-        ).logits
-    kept = attention_mask.bool()
-    torch.testing.assert_close(from_embeddings[kept], from_ids[kept], atol=1e-5, rtol=0)
+    assert_inputs_embeds_give_the_input_ids_logits(model, input_ids, attention_mask, pixel_values)
 
 
 def test_verification_checks_the_new_rows_against_their_rule(release, tmp_path, monkeypatch):

@@ -169,7 +169,11 @@ def test_inputs_embeds_give_the_input_ids_logits_on_a_left_padded_batch():
     assert not torch.equal(embeddings[IMAGE_TOKEN_ID], embeddings[PAD_TOKEN_ID])
     input_ids, attention_mask = left_padded_batch()
     assert (attention_mask == 0).sum() == 6
-    pixel_values = torch.randn(2, 3, 336, 336)
+    assert_inputs_embeds_give_the_input_ids_logits(model, input_ids, attention_mask, torch.randn(2, 3, 336, 336))
+
+
+def assert_inputs_embeds_give_the_input_ids_logits(model, input_ids, attention_mask, pixel_values):
+    """The logits from `inputs_embeds` (the ids' embeddings) equal those from `input_ids` at attended positions."""
     with torch.no_grad():
         from_ids = model(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask).logits
         inputs_embeds = model.get_input_embeddings()(input_ids)
