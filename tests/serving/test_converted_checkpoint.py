@@ -66,9 +66,10 @@ def test_prompt_and_greedy_ids_equal_the_original_chunked_ids(tmp_path, image_as
     served = run_vllm_greedy(model_dir, requests, tmp_path)
     reference = transformers_greedy(model_dir, requests)
 
+    grids = [processor.image_processor(Image.open(r["images"][0]))["image_grids"][0].tolist() for r in requests]
+    assert grids == ([[1, 1], [1, 1]] if image_aspect_ratio == "pad" else [[1, 1], [1, 2]])
     image_token_id = processor.image_token_id
-    for request, got, expected in zip(requests, served, reference, strict=True):
-        grid = processor.image_processor(Image.open(request["images"][0]))["image_grids"][0].tolist()
+    for grid, got, expected in zip(grids, served, reference, strict=True):
         layout = processor.image_token_layout(*grid, image_aspect_ratio)
         assert got["prompt_token_ids"] == original_prompt_ids(pieces, prompt, [layout])
         # After the image, the chunk "\nWhat ..." starts with sentencepiece's lone dummy prefix, then the '\n' byte.
