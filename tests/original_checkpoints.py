@@ -150,20 +150,23 @@ def write_original_release(
     clip_weights: str = "bin",
     legacy_buffers: bool = True,
     seed: int = 0,
+    text_sizes: dict | None = None,
 ) -> OriginalRelease:
     """Writes root/checkpoint (the LLaVA folder) and root/clip (the vision tower). `legacy_buffers` adds what older
-    LLaVA checkpoints also hold: per-layer rotary inv_freq buffers and a frozen copy of the vision tower."""
+    LLaVA checkpoints also hold: per-layer rotary inv_freq buffers and a frozen copy of the vision tower.
+    `text_sizes` overrides entries of TEXT (e.g. fewer, wider attention heads)."""
+    text = dict(TEXT, **(text_sizes or {}))
     checkpoint, vision_tower = root / "checkpoint", root / "clip"
     checkpoint.mkdir(parents=True)
     clip_state = write_clip_checkpoint(vision_tower, clip_layout, clip_weights, seed)
 
-    text_config = LlamaConfig(**TEXT, vocab_size=VOCAB)
+    text_config = LlamaConfig(**text, vocab_size=VOCAB)
     language_model = {
         name: tensor.to(dtype).contiguous()
         for name, tensor in _randomize(LlamaForCausalLM(text_config), seed + 1, 0.1).state_dict().items()
     }
     projector = OriginalTokenPacker(
-        VISION["hidden_size"], LEVELS, PROJECTOR_WIDTH, PROJECTOR_HEADS, TEXT["hidden_size"], scale_factor, GRID
+        VISION["hidden_size"], LEVELS, PROJECTOR_WIDTH, PROJECTOR_HEADS, text["hidden_size"], scale_factor, GRID
     ).randomize(seed + 2)
     projector = projector.to(dtype)
 
@@ -171,9 +174,9 @@ def write_original_release(
     # model.embed_tokens, model.layers.*, model.norm, model.mm_projector.*, lm_head
     state = {name: tensor for name, tensor in language_model.items() if name != "lm_head.weight"}
     if legacy_buffers:
-        head_dim = TEXT["hidden_size"] // TEXT["num_attention_heads"]
+        head_dim = text["hidden_size"] // text["num_attention_heads"]
         inv_freq = 1.0 / (10000 ** (torch.arange(0, head_dim, 2).float() / head_dim))
-        for layer in range(TEXT["num_hidden_layers"]):
+        for layer in range(text["num_hidden_layers"]):
             state[f"model.layers.{layer}.self_attn.rotary_emb.inv_freq"] = inv_freq.clone()
         vision_copy = {k: v for k, v in clip_state.items() if k.startswith("vision_model.") and "position_ids" not in k}
         state.update((f"model.vision_tower.vision_tower.{k}", v.to(dtype).clone()) for k, v in vision_copy.items())
@@ -182,7 +185,7 @@ def write_original_release(
     _write_shards(checkpoint, state, weights, shards)
 
     config = original_llava_config(
-        dict(TEXT, vocab_size=VOCAB), VISION["hidden_size"], image_aspect_ratio, scale_factor, patch_num, dtype
+        dict(text, vocab_size=VOCAB), VISION["hidden_size"], image_aspect_ratio, scale_factor, patch_num, dtype
     )
     (checkpoint / "config.json").write_text(json.dumps(config, indent=2))
     (checkpoint / "generation_config.json").write_text(
