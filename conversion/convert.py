@@ -409,6 +409,7 @@ def convert_checkpoint(
         weight_map, non_finite = write_weights(
             plan, folder.path, prepared.dtype, len(prepared.new_tokens), shard_bytes, allow_non_finite
         )
+        config.architectures = [TokenPackerForConditionalGeneration.__name__]  # what vLLM and the Hub read
         config.save_pretrained(folder.path)
         pad_token_id = prepared.tokenizer.pad_token_id
         generation_config_for(config, pad_token_id, prepared.original.generation_config).save_pretrained(folder.path)

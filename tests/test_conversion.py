@@ -221,6 +221,7 @@ def test_config_records_the_original_settings(pad_release, slice_release):
     ):
         config = json.loads((result.output / "config.json").read_text())
         assert config["model_type"] == "tokenpacker"
+        assert config["architectures"] == ["TokenPackerForConditionalGeneration"]  # vLLM picks its model by it
         assert (config["image_aspect_ratio"], config["scale_factor"], config["max_slices"]) == (mode, scale, slices)
         assert config["vision_feature_layer"] == -2 and config["multi_level_feature_layers"] == [12, 16, 22, 23]
         assert (config["projector_hidden_size"], config["projector_num_heads"]) == (48, 8)

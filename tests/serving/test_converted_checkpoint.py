@@ -1,8 +1,6 @@
 """vLLM on converted original-layout checkpoints, whose tokenizer comes from a LLaMA-style sentencepiece model (BPE,
 byte fallback): vLLM tokenizes the prompt as one string, and its ids must still be the original's chunked ones."""
 
-import json
-
 import numpy as np
 import pytest
 import sentencepiece as spm
@@ -10,7 +8,6 @@ from PIL import Image
 
 from tokenpacker import TokenPackerProcessor
 from tokenpacker.conversion import convert_checkpoint
-from tokenpacker.serving import MODEL_ARCHITECTURE
 
 from ..original_checkpoints import write_original_release
 from .helpers import run_vllm_greedy, transformers_greedy
@@ -20,19 +17,12 @@ WIDE_HEADS = dict(num_attention_heads=2, num_key_value_heads=2)
 
 
 def converted_release(root, image_aspect_ratio: str):
-    """An original release ("slice": 9 patches) converted with the package's converter: (release, converted folder).
-
-    The converter's config.json names no `architectures`, which vLLM needs to pick the model class: written here.
-    """
+    """An original release ("slice": 9 patches) converted with the package's converter: (release, converted folder)."""
     patch_num = 9 if image_aspect_ratio == "slice" else None
     release = write_original_release(
         root, image_aspect_ratio=image_aspect_ratio, patch_num=patch_num, shards=1, text_sizes=WIDE_HEADS
     )
     output = convert_checkpoint(release.checkpoint, root / "converted", vision_tower=release.vision_tower).output
-    config_path = output / "config.json"
-    config = json.loads(config_path.read_text())
-    config.setdefault("architectures", [MODEL_ARCHITECTURE])
-    config_path.write_text(json.dumps(config, indent=2))
     return release, output
 
 
