@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from tokenpacker import TokenPackerForConditionalGeneration, TokenPackerProcessor
@@ -71,3 +72,11 @@ def transformers_greedy(model_dir: Path, requests: list[dict]) -> list[dict]:
         logprobs = [score[0].log_softmax(-1)[token].item() for score, token in zip(generated.scores, token_ids)]
         results.append({"prompt_token_ids": prompt_ids, "token_ids": token_ids, "logprobs": logprobs})
     return results
+
+
+def assert_served_like_transformers(served: list[dict], reference: list[dict]) -> None:
+    """vLLM's prompt ids and greedy ids equal transformers', and the greedy tokens' log-probabilities agree."""
+    for got, expected in zip(served, reference, strict=True):
+        assert got["prompt_token_ids"] == expected["prompt_token_ids"]
+        assert got["token_ids"] == expected["token_ids"]
+        assert got["logprobs"] == pytest.approx(expected["logprobs"], abs=1e-3)

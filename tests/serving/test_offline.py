@@ -1,11 +1,10 @@
 """vLLM's offline engine with the TokenPacker plugin: the same prompt ids and greedy answers as transformers."""
 
-import pytest
 
 from tokenpacker import TokenPackerProcessor
 from tokenpacker.shapes import PRETRAINED, render_scene
 
-from .helpers import run_vllm_greedy, slice_model, transformers_greedy
+from .helpers import assert_served_like_transformers, run_vllm_greedy, slice_model, transformers_greedy
 
 
 def prompt(question: str) -> str:
@@ -33,10 +32,7 @@ def test_pad_greedy_ids_equal_transformers(tmp_path):
     served = run_vllm_greedy(PRETRAINED, requests, tmp_path)
     reference = transformers_greedy(PRETRAINED, requests)
 
-    for got, expected in zip(served, reference, strict=True):
-        assert got["prompt_token_ids"] == expected["prompt_token_ids"]
-        assert got["token_ids"] == expected["token_ids"]
-        assert got["logprobs"] == pytest.approx(expected["logprobs"], abs=1e-3)
+    assert_served_like_transformers(served, reference)
     # The shipped model learned 336x336 scenes: on the unresized one its answers are right.
     scene = render_scene("test", 0)
     assert [served[0]["text"].strip(), served[3]["text"].strip()] == [scene.colour, scene.position]
@@ -56,10 +52,7 @@ def test_slice_greedy_ids_equal_transformers_across_grids(tmp_path):
     served = run_vllm_greedy(model_dir, requests, tmp_path)
     reference = transformers_greedy(model_dir, requests)
 
-    for got, expected in zip(served, reference, strict=True):
-        assert got["prompt_token_ids"] == expected["prompt_token_ids"]
-        assert got["token_ids"] == expected["token_ids"]
-        assert got["logprobs"] == pytest.approx(expected["logprobs"], abs=1e-3)
+    assert_served_like_transformers(served, reference)
     # HD layout of a 1x3 grid written out: three blocks with ',' between them, the row end, the thumbnail, the row end.
     crop = [processor.image_token_id] * processor.num_image_tokens
     comma, row_end = processor.slice_separator_token_id, processor.row_separator_token_id
