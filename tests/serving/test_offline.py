@@ -1,6 +1,5 @@
 """vLLM's offline engine with the TokenPacker plugin: the same prompt ids and greedy answers as transformers."""
 
-
 from tokenpacker import TokenPackerProcessor
 from tokenpacker.shapes import PRETRAINED, render_scene
 
