@@ -15,7 +15,9 @@ import sys
 import time
 
 import pytest
+import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
+from transformers.utils import logging as transformers_logging
 
 from tokenpacker.chat import main
 from tokenpacker.demo import DEMO_IMAGE, build_demo_checkpoint
@@ -63,7 +65,7 @@ def test_from_a_pipe_one_answer_line_per_question(scenes, position_answer):
     assert done.stdout == "".join(answer + "\n" for answer in answers)
     assert done.stderr.splitlines() == [
         "Image: held-out tiny-shapes scene 0 (--image FILE_OR_URL for another)",
-        "Model: tiny-shapes (shipped) ('pad', float32 on cpu)",
+        f"Model: tiny-shapes (shipped) ('pad', float32 on {'cuda:0' if torch.cuda.is_available() else 'cpu'})",
         "Visual tokens: 9 for the image; LLaVA-1.5 uses 576 for one 336x336 crop",
         f"Image: {path}, 336x336",
         "Visual tokens: 9 for the image; LLaVA-1.5 uses 576 for one 336x336 crop",
@@ -188,6 +190,7 @@ def test_in_a_terminal_ctrl_c_stops_an_answer_then_quits_at_the_prompt(terminal,
 
 
 def test_errors_in_the_arguments_and_from_a_pipe(tmp_path, monkeypatch, capsys):
+    verbosity = transformers_logging.get_verbosity()
     with pytest.raises(SystemExit):
         main(["--max-new-tokens", "0"])
     assert "--max-new-tokens must be a positive integer, got 0" in capsys.readouterr().err
@@ -207,3 +210,4 @@ def test_errors_in_the_arguments_and_from_a_pipe(tmp_path, monkeypatch, capsys):
     assert main([]) == 1  # from a pipe, the first error ends the chat
     out, err = capsys.readouterr()
     assert out == "" and err.splitlines()[-1] == "error: unknown command /colour; /help lists the commands"
+    assert transformers_logging.get_verbosity() == verbosity  # the chat quiets transformers only while it runs

@@ -134,13 +134,12 @@ def test_slice_model_streams_its_greedy_answer_in_pieces_over_turns(hd_folder, m
     assert info.num_separator_tokens == h_block * (w_block - 1) + h_block + 1
 
     spy = GenerateSpy(monkeypatch, model)
-    answers = []
+    turns = []
     for question in ("What is it?", "And the colour?"):
         pieces = list(session.ask(question))
         assert len(pieces) > 1
-        prompt = vicuna_v1_prompt([(q, a) for q, a in zip(("What is it?",), answers)], question)
-        assert "".join(pieces) == greedy_answer(model, processor, image, prompt, 12)
-        answers.append("".join(pieces).strip())
+        assert "".join(pieces) == greedy_answer(model, processor, image, vicuna_v1_prompt(turns, question), 12)
+        turns.append((question, "".join(pieces).strip()))
     assert spy.calls[1]["pixel_values"].shape[0] == info.num_crops  # the image once, in the first turn
 
 
@@ -233,6 +232,8 @@ def test_errors(shapes_model, tmp_path):
         session.set_image(3)
     assert session.image_info == info and session.messages == history  # a failed load changes nothing
 
+    with pytest.raises(ValueError, match=r"the conversation has grown to \d+ tokens and the model reads at most 512"):
+        session.ask("red " * 600)
     with pytest.raises(TypeError, match="text must be a string, got int"):
         session.ask(3)
     with pytest.raises(ValueError, match="the question is empty"):
@@ -247,6 +248,16 @@ def test_errors(shapes_model, tmp_path):
         ChatSession.from_pretrained(dtype="float8")
     with pytest.raises(ValueError, match="device must name a torch device"):
         ChatSession.from_pretrained(device="gpu0")
+
+
+def test_answers_end_where_the_context_does(shapes_model, monkeypatch):
+    model, processor = shapes_model
+    session = ChatSession(model, processor, max_new_tokens=512)
+    session.set_image(render_scene("test", 0).image)
+    spy = GenerateSpy(monkeypatch, model)
+    list(session.ask("red " * 400 + COLOUR))
+    prompt_length = spy.calls[0]["input_ids"].shape[1]
+    assert prompt_length > 400 and spy.calls[0]["max_new_tokens"] == 512 - prompt_length
 
 
 def test_describe_image_counts_what_the_processor_makes(shapes_model):

@@ -173,12 +173,26 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_arguments(argv)
+    verbosity, progress_bars = transformers_logging.get_verbosity(), transformers_logging.is_progress_bar_enabled()
+    transformers_logging.set_verbosity_error()  # the chat's output only: no loading bars or generation notes
+    transformers_logging.disable_progress_bar()
+    try:
+        return chat(args)
+    except KeyboardInterrupt:  # while the model loads, or anywhere from a pipe
+        print(file=sys.stderr)
+        return 130
+    finally:
+        transformers_logging.set_verbosity(verbosity)
+        if progress_bars:
+            transformers_logging.enable_progress_bar()
+
+
+def chat(args: argparse.Namespace) -> int:
+    """Loads the model and the image, then chats; the exit status."""
     interactive = sys.stdin.isatty()
     colour = interactive and sys.stdout.isatty() and "NO_COLOR" not in os.environ and os.environ.get("TERM") != "dumb"
     first_line = args.image or f"held-out tiny-shapes scene {args.scene} (--image FILE_OR_URL for another)"
     print(f"Image: {first_line}", file=sys.stdout if interactive else sys.stderr, flush=True)
-    transformers_logging.set_verbosity_error()
-    transformers_logging.disable_progress_bar()
     try:
         session = ChatSession.from_pretrained(
             args.model,
@@ -190,24 +204,21 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError, TypeError) as error:
         print(f"error: could not load the model {args.model}: {one_line(error)}", file=sys.stderr)
         return 1
-    chat = TerminalChat(session, interactive, colour)
+    terminal = TerminalChat(session, interactive, colour)
     mode = session.processor.image_processor.image_aspect_ratio
     dtype = str(session.model.dtype).removeprefix("torch.")
     name = f"{PRETRAINED.name} (shipped)" if args.model == str(PRETRAINED) else args.model
-    chat.info(f"Model: {name} ('{mode}', {dtype} on {session.model.device})")
+    terminal.info(f"Model: {name} ('{mode}', {dtype} on {session.model.device})")
     image = render_scene("test", args.scene).image if args.image is None else os.path.expanduser(args.image)
     try:
-        chat.show_visual_tokens(session.set_image(image))
+        terminal.show_visual_tokens(session.set_image(image))
     except (ValueError, TypeError) as error:
-        chat.error(one_line(error))
+        terminal.error(one_line(error))
         if not interactive:
             return 1
     if interactive:
-        chat.info("Ask about the image; /help shows the commands.")
-    try:
-        return chat.run()
-    except KeyboardInterrupt:  # from a pipe: Ctrl-C ends the chat
-        return 130
+        terminal.info("Ask about the image; /help shows the commands.")
+    return terminal.run()
 
 
 if __name__ == "__main__":

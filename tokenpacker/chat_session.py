@@ -160,7 +160,8 @@ class ChatSession:
         """Streams the answer to `text` in pieces of text as they are generated.
 
         The question and the answer join the history once the iterator is exhausted; an answer stopped early (the
-        iterator closed) stops generation and leaves the history as it was.
+        iterator closed) stops generation and leaves the history as it was. Answers end where the model's context
+        (`max_position_embeddings`) does; a conversation that fills it raises a ValueError.
         """
         if self._image is None:
             raise ValueError("load an image first: set_image(image) with a PIL image, a file path or an http(s) URL")
@@ -179,14 +180,23 @@ class ChatSession:
             return_dict=True,
             return_tensors="pt",
         )
-        return self._stream(question, inputs.to(self.model.device, dtype=self.model.dtype))
+        prompt_length = inputs["input_ids"].shape[1]
+        context = getattr(self.model.config.get_text_config(), "max_position_embeddings", None)
+        if context is not None and prompt_length >= context:
+            raise ValueError(
+                f"the conversation has grown to {prompt_length} tokens and the model reads at most {context}: reset "
+                "it or load an image to start again"
+            )
+        max_new_tokens = self.max_new_tokens if context is None else min(self.max_new_tokens, context - prompt_length)
+        inputs = inputs.to(self.model.device, dtype=self.model.dtype)
+        return self._stream(question, inputs, self._generation_kwargs(max_new_tokens))
 
-    def _generation_kwargs(self) -> dict:
+    def _generation_kwargs(self, max_new_tokens: int) -> dict:
         if self.temperature == 0:
-            return {"max_new_tokens": self.max_new_tokens, "do_sample": False}
-        return {"max_new_tokens": self.max_new_tokens, "do_sample": True, "temperature": self.temperature}
+            return {"max_new_tokens": max_new_tokens, "do_sample": False}
+        return {"max_new_tokens": max_new_tokens, "do_sample": True, "temperature": self.temperature}
 
-    def _stream(self, question: dict, inputs) -> Iterator[str]:
+    def _stream(self, question: dict, inputs, generation_kwargs: dict) -> Iterator[str]:
         """Runs `generate` in a thread and yields the streamer's text; its error, if any, is raised here."""
         streamer = TextIteratorStreamer(self.processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
         stop = threading.Event()
@@ -195,7 +205,7 @@ class ChatSession:
         def generate():
             try:
                 self.model.generate(
-                    **inputs, streamer=streamer, stopping_criteria=[_StopWhenSet(stop)], **self._generation_kwargs()
+                    **inputs, streamer=streamer, stopping_criteria=[_StopWhenSet(stop)], **generation_kwargs
                 )
             except Exception as error:
                 errors.append(error)
