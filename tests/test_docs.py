@@ -255,7 +255,8 @@ def run_shell(script: str, cwd: Path, places: dict, hub) -> subprocess.Completed
     env["XDG_CACHE_HOME"] = str(cwd / ".cache")  # the demo's random model
     before = package_files_digest()
     result = subprocess.run(
-        ["bash", "-e", "-o", "pipefail", "-c", script], cwd=cwd, env=env, capture_output=True, text=True, timeout=TIMEOUT_S
+        ["bash", "-e", "-o", "pipefail", "-c", script], cwd=cwd, env=env, capture_output=True, text=True, timeout=TIMEOUT_S,
+        stdin=subprocess.DEVNULL,  # never the terminal pytest runs in: an interactive command reads EOF and ends
     )
     assert package_files_digest() == before, "a documented command changed the package's shipped model"
     return result
