@@ -15,7 +15,7 @@ from tokenpacker.shapes import PRETRAINED, QUESTIONS, render_scene
 from tokenpacker.testing import reference_grids
 
 from .serving.helpers import slice_model
-from .web_server import missing, require_gradio, web_server
+from .web_server import missing, require_gradio
 
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 # Without the background-networking flags Chromium tries to reach its own services and stalls on a closed network.
@@ -27,12 +27,6 @@ WAIT_S = 30  # for any one thing to show on the page
 SCREENSHOT = os.environ.get("TOKENPACKER_WEB_SCREENSHOT")  # where to keep the page's screenshot (docs/images/web.png)
 COLOUR, POSITION = QUESTIONS["colour"], QUESTIONS["position"]
 NO_IMAGE = "Upload an image or pick an example first."
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    with web_server(tmp_path_factory.mktemp("web"), "--max-new-tokens", "8") as url:
-        yield url
 
 
 @pytest.fixture(scope="module")
@@ -141,10 +135,10 @@ class Page:
 
 
 def test_the_page_answers_about_an_uploaded_scene_and_every_browser_has_its_own_conversation(
-    server, scenes, open_browser, tmp_path
+    web_demo, scenes, open_browser, tmp_path
 ):
     (scene, png), (other_scene, other_png) = scenes
-    first = open_browser(server)
+    first = open_browser(web_demo)
     info = first.upload(png)
     assert re.search(r"Visual tokens: (\d+) for the image", info).group(1) == str(visual_tokens_of(scene.image))
     assert "Image: 336x336" in info
@@ -152,7 +146,7 @@ def test_the_page_answers_about_an_uploaded_scene_and_every_browser_has_its_own_
     assert first.ask(POSITION) == scene.position  # the second turn, on the same image
     assert first.driver.save_screenshot(SCREENSHOT or str(tmp_path / "web.png"))
 
-    second = open_browser(server)
+    second = open_browser(web_demo)
     assert second.messages() == [] and second.text("#image-info") == ""
     second.element("#question textarea").send_keys(COLOUR)
     second.element("#question [data-testid=submit-button]").click()
@@ -169,12 +163,12 @@ def test_the_page_answers_about_an_uploaded_scene_and_every_browser_has_its_own_
     assert first.messages() == [("user", POSITION), ("bot", scene.position)]
 
 
-def test_the_http_api_streams_the_same_answers(server, scenes):
+def test_the_http_api_streams_the_same_answers(web_demo, scenes):
     from gradio_client import Client, handle_file
     from gradio_client.exceptions import AppError
 
     (scene, png), _ = scenes
-    client = Client(server, verbose=False)
+    client = Client(web_demo, verbose=False)
     job = client.submit(handle_file(png), POSITION, api_name="/answer")
     assert job.result(timeout=WAIT_S) == scene.position
     streamed = job.outputs()
