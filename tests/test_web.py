@@ -183,6 +183,8 @@ def test_the_http_api_streams_the_same_answers(web_demo, scenes):
 
     with pytest.raises(AppError, match="Type a question first"):
         client.predict(handle_file(png), "  ", api_name="/answer")
+    with pytest.raises(AppError, match="Questions are limited to 1200 characters; this one has 1201"):
+        client.predict(handle_file(png), "?" * 1201, api_name="/answer")
 
 
 def test_an_hd_image_shows_its_grid_of_crops(tmp_path):

@@ -47,13 +47,10 @@ def image_summary(info: ImageInfo) -> str:
 
 def chat_history(messages: list[dict]) -> list[dict]:
     """A conversation in transformers' chat format as the chatbot's messages: the text of each turn."""
-    history = []
-    for message in messages:
-        content = message["content"]
-        if not isinstance(content, str):
-            content = "".join(part["text"] for part in content if part["type"] == "text")
-        history.append({"role": message["role"], "content": content})
-    return history
+    return [
+        {"role": message["role"], "content": "".join(part["text"] for part in message["content"] if "text" in part)}
+        for message in messages
+    ]
 
 
 def checked_question(text: str) -> str:
