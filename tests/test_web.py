@@ -31,7 +31,8 @@ NO_IMAGE = "Upload an image or pick an example first."
 
 @pytest.fixture(scope="module")
 def scenes(tmp_path_factory):
-    """Two held-out scenes of different colours as PNG files, with their answers."""
+    """Two held-out scenes of different colours as PNG files, with their answers. Both positions have two words, so
+    that the answer streams in more than one piece."""
     folder = tmp_path_factory.mktemp("scenes")
     chosen = {}
     for index in range(5, 40):
@@ -41,7 +42,7 @@ def scenes(tmp_path_factory):
             chosen[index] = (scene, folder / f"{index}.png")
         if len(chosen) == 2:
             return list(chosen.values())
-    raise AssertionError("no two held-out scenes of different colours")
+    raise AssertionError("no two held-out scenes of different colours with two-word positions")
 
 
 def visual_tokens_of(image) -> int:
