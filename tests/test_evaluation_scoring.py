@@ -26,7 +26,10 @@ POPE = {
     "questions": FIXTURES / "pope/llava_pope_test.jsonl",
     "annotation_dir": FIXTURES / "pope/coco",
 }
-TEXTVQA = {"answers": FIXTURES / f"textvqa/answers/{MODEL}.jsonl", "annotations": FIXTURES / "textvqa/TextVQA_0.5.1_val.json"}
+TEXTVQA = {
+    "answers": FIXTURES / f"textvqa/answers/{MODEL}.jsonl",
+    "annotations": FIXTURES / "textvqa/TextVQA_0.5.1_val.json",
+}
 VQAV2 = {
     "answers": FIXTURES / f"vqav2/answers/llava_vqav2_mscoco_test-dev2015/{MODEL}/merge.jsonl",
     "questions": FIXTURES / "vqav2/llava_vqav2_mscoco_test2015.jsonl",
@@ -46,7 +49,10 @@ SCIENCEQA = {
     "problems": FIXTURES / "scienceqa/problems.json",
     "pid_splits": FIXTURES / "scienceqa/pid_splits.json",
 }
-MME = {"answers": FIXTURES / f"MME/answers/{MODEL}.jsonl", "annotations": FIXTURES / "MME/MME_Benchmark_release_version"}
+MME = {
+    "answers": FIXTURES / f"MME/answers/{MODEL}.jsonl",
+    "annotations": FIXTURES / "MME/MME_Benchmark_release_version",
+}
 MMBENCH = {
     "answers": FIXTURES / f"mmbench/answers/mmbench_dev_20230712/{MODEL}.jsonl",
     "annotations": FIXTURES / "mmbench/mmbench_dev_20230712.tsv",
@@ -331,8 +337,8 @@ def test_mmbench_circular_accuracy_and_submission(tmp_path):
     assert [row[6] for row in table[1:]] == ["A", "The answer is D.", "B", "B", "3"]
     score_mmbench(**MMBENCH, output=tmp_path / "upload.tsv")
     lines = (tmp_path / "upload.tsv").read_text().splitlines()
-    assert lines[0].split("\t") == table[0] and lines[3].split("\t") == ["1", "Which animal is shown?", "cat", "dog", "",
-                                                                        "", "B", "B", "dev"]  # fmt: skip
+    assert lines[0].split("\t") == table[0]
+    assert lines[3].split("\t") == ["1", "Which animal is shown?", "cat", "dog", "", "", "B", "B", "dev"]
 
 
 def test_mmbench_rounds_of_rotated_options_count_in_the_circular_accuracy(tmp_path):

@@ -151,3 +151,14 @@ def human_answer_texts(answers, where: str) -> list[str]:
         raise ValueError(f"{where} has {len(texts) or 'no'} answer strings, expected {HUMAN_ANSWERS}: the test split "
                          "has no answers; score with the validation annotations")  # fmt: skip
     return texts
+
+
+def human_answers_by(entries: list, key: str, where: str) -> dict:
+    """The ten human answers of each VQA-format annotation entry (VQAv2's, VizWiz's), by its `key` field."""
+    human_answers = {}
+    for number, entry in enumerate(entries):
+        if not (isinstance(entry, dict) and key in entry):
+            raise ValueError(f"{where}[{number}] has no {key!r}")
+        entry_where = f"{where}[{number}] ({key} {entry[key]!r})"
+        human_answers[entry[key]] = human_answer_texts(entry.get("answers"), entry_where)
+    return human_answers

@@ -156,6 +156,12 @@ def write_output(path: str | os.PathLike, write: Callable[[Path], None], inputs:
     return path
 
 
+def add_output_arguments(parser, required: bool, help: str):
+    """`--output` and `--force` of the benchmarks that write a file for an evaluation server."""
+    parser.add_argument("--output", required=required, help=help)
+    parser.add_argument("--force", action="store_true", help="replace an existing output file")
+
+
 def write_json(path: str | os.PathLike, data, inputs: Iterable, force: bool) -> Path:
     """Writes `data` as one JSON document (see `write_output`)."""
 

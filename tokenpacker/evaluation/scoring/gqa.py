@@ -5,7 +5,15 @@ questions, with its binary/open split and its accuracy per structural and semant
 import os
 from collections import defaultdict
 
-from .files import by_question_id, read_answers, read_json, refuse_unanswered, refuse_unknown, write_json
+from .files import (
+    add_output_arguments,
+    by_question_id,
+    read_answers,
+    read_json,
+    refuse_unanswered,
+    refuse_unknown,
+    write_json,
+)
 from .report import percent
 
 NAME = "gqa"
@@ -69,8 +77,7 @@ def score_gqa(
 
 def add_arguments(parser):
     parser.add_argument("--annotations", required=True, help="GQA's questions file (testdev_balanced_questions.json)")
-    parser.add_argument("--output", help="write the predictions file for GQA's eval.py here (.json)")
-    parser.add_argument("--force", action="store_true", help="replace an existing output file")
+    add_output_arguments(parser, required=False, help="write the predictions file for GQA's eval.py here (.json)")
 
 
 def from_args(args) -> dict:

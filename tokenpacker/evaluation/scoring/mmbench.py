@@ -10,7 +10,15 @@ import string
 from collections import defaultdict
 from pathlib import Path
 
-from .files import by_question_id, read_answers, read_tsv, refuse_unanswered, refuse_unknown, write_output
+from .files import (
+    add_output_arguments,
+    by_question_id,
+    read_answers,
+    read_tsv,
+    refuse_unanswered,
+    refuse_unknown,
+    write_output,
+)
 from .report import percent
 
 NAME = "mmbench"
@@ -147,8 +155,9 @@ def score_mmbench(
 
 def add_arguments(parser):
     parser.add_argument("--annotations", required=True, help="the MMBench TSV (mmbench_dev_20230712.tsv)")
-    parser.add_argument("--output", help="write the submission here (.xlsx needs openpyxl; .tsv always works)")
-    parser.add_argument("--force", action="store_true", help="replace an existing output file")
+    add_output_arguments(
+        parser, required=False, help="write the submission here (.xlsx needs openpyxl; .tsv works always)"
+    )
 
 
 def from_args(args) -> dict:

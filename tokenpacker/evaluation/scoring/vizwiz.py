@@ -4,9 +4,10 @@ given the validation annotations, the VQA accuracy."""
 
 import os
 
-from .answers import human_answer_texts, normalize_answer, vqa_accuracy
+from .answers import human_answers_by, normalize_answer, vqa_accuracy
 from .files import (
     QUESTION_ID,
+    add_output_arguments,
     by_question_id,
     read_answers,
     read_json,
@@ -24,13 +25,7 @@ UNANSWERABLE = "unanswerable"
 
 def read_annotations(path: str | os.PathLike) -> dict[str, list[str]]:
     """The human answers of a VizWiz annotation file (val.json: [{"image", "answers"}, ...]) by image."""
-    human_answers = {}
-    for number, entry in enumerate(read_json(path, "VizWiz annotation file", list)):
-        if not (isinstance(entry, dict) and isinstance(entry.get("image"), str)):
-            raise ValueError(f"VizWiz annotation file {path} entry {number} has no 'image'")
-        where = f"VizWiz annotation file {path} entry {number} ({entry['image']})"
-        human_answers[entry["image"]] = human_answer_texts(entry.get("answers"), where)
-    return human_answers
+    return human_answers_by(read_json(path, "VizWiz annotation file", list), "image", f"VizWiz annotation file {path}")
 
 
 def score_vizwiz(
@@ -72,9 +67,8 @@ def score_vizwiz(
 
 def add_arguments(parser):
     parser.add_argument("--questions", required=True, help="the split file (llava_test.jsonl)")
-    parser.add_argument("--output", required=True, help="the submission file to write (.json)")
     parser.add_argument("--annotations", help="VizWiz annotations with answers (val.json) to score with")
-    parser.add_argument("--force", action="store_true", help="replace an existing output file")
+    add_output_arguments(parser, required=True, help="the submission file to write (.json)")
 
 
 def from_args(args) -> dict:

@@ -3,8 +3,17 @@ answers normalized like EvalAI, "" for the questions not answered) and, given an
 
 import os
 
-from .answers import human_answer_texts, normalize_answer, vqa_accuracy
-from .files import QUESTION_ID, by_question_id, read_answers, read_json, read_jsonl, refuse_unknown, write_json
+from .answers import human_answers_by, normalize_answer, vqa_accuracy
+from .files import (
+    QUESTION_ID,
+    add_output_arguments,
+    by_question_id,
+    read_answers,
+    read_json,
+    read_jsonl,
+    refuse_unknown,
+    write_json,
+)
 from .report import percent
 
 NAME = "vqav2"
@@ -16,13 +25,7 @@ def read_annotations(path: str | os.PathLike) -> dict:
     document = read_json(path, "VQAv2 annotation file", dict)
     if not isinstance(document.get("annotations"), list):
         raise ValueError(f"VQAv2 annotation file {path} has no 'annotations' list")
-    human_answers = {}
-    for number, entry in enumerate(document["annotations"]):
-        if not (isinstance(entry, dict) and "question_id" in entry):
-            raise ValueError(f"VQAv2 annotation file {path} annotations[{number}] has no 'question_id'")
-        where = f"VQAv2 annotation file {path} annotations[{number}] (question {entry['question_id']!r})"
-        human_answers[entry["question_id"]] = human_answer_texts(entry.get("answers"), where)
-    return human_answers
+    return human_answers_by(document["annotations"], "question_id", f"VQAv2 annotation file {path} annotations")
 
 
 def score_vqav2(
@@ -55,9 +58,8 @@ def score_vqav2(
 
 def add_arguments(parser):
     parser.add_argument("--questions", required=True, help="the split file (llava_vqav2_mscoco_test2015.jsonl)")
-    parser.add_argument("--output", required=True, help="the submission file to write (.json)")
     parser.add_argument("--annotations", help="VQAv2 annotations (v2_mscoco_val2014_annotations.json) to score with")
-    parser.add_argument("--force", action="store_true", help="replace an existing output file")
+    add_output_arguments(parser, required=True, help="the submission file to write (.json)")
 
 
 def from_args(args) -> dict:
