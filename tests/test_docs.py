@@ -81,6 +81,7 @@ REPLACEMENTS = [
     ("ship --model runs/tiny-shapes --force", "ship --model runs/tiny-shapes --output-dir runs/shipped"),
     ("benchmarks/analytic.py", "benchmarks/analytic.py --llm 7B"),
     ("benchmarks/image_processing.py", "benchmarks/image_processing.py --seconds 0.1 --rounds 1"),
+    ("playground/data/eval/", "tests/evaluation_fixtures/"),
 ]
 
 REAL_SIZE = {
