@@ -92,6 +92,9 @@ def add_generate_parser(subparsers) -> argparse.ArgumentParser:
     )
     parser.add_argument("--device", default=None, help="transformers: cpu, cuda, cuda:1... (default: accelerate's)")
     parser.add_argument("--tensor-parallel-size", type=int, default=1, help="vllm: GPUs per model (default: 1)")
+    parser.add_argument(
+        "--enforce-eager", action="store_true", help="vllm: no compilation or graphs (starts faster, runs slower)"
+    )
     parser.set_defaults(func=generate_command)
     return parser
 
@@ -122,11 +125,11 @@ def generate_command(args: argparse.Namespace) -> int:
             print(f"All {len(questions)} questions of {args.question_file} are answered in {answers.path}")
         return 0
 
+    device = _device(args.device) if args.device is not None else state.device
+    dtype = DTYPES.get(args.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
     if args.backend == "vllm":
-        answerer = VllmAnswerer(args.model_path, settings, args.dtype, args.tensor_parallel_size)
+        answerer = VllmAnswerer(args.model_path, settings, dtype, args.tensor_parallel_size, args.enforce_eager)
     else:
-        device = _device(args.device) if args.device is not None else state.device
-        dtype = DTYPES.get(args.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
         answerer = TransformersAnswerer(args.model_path, settings, device, dtype)
     if state.is_main_process:
         processes = f"{state.num_processes} processes" if state.num_processes > 1 else "1 process"
@@ -165,8 +168,11 @@ def checked_settings(args: argparse.Namespace) -> GenerationSettings:
         raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}")
     if args.backend == "vllm" and args.device is not None:
         raise ValueError("--device is for --backend transformers; vLLM places its engine itself")
-    if args.backend != "vllm" and args.tensor_parallel_size != 1:
-        raise ValueError("--tensor-parallel-size is for --backend vllm; with transformers use `accelerate launch`")
+    if args.backend != "vllm" and (args.tensor_parallel_size != 1 or args.enforce_eager):
+        raise ValueError(
+            "--tensor-parallel-size and --enforce-eager are for --backend vllm; with transformers, `accelerate "
+            "launch` spreads the questions over processes"
+        )
     if args.backend == "vllm" and args.num_beams != 1:
         raise ValueError("--num-beams above 1 needs --backend transformers (vLLM samples or answers greedily)")
     return GenerationSettings(args.temperature, args.top_p, args.num_beams, args.max_new_tokens)
@@ -281,7 +287,14 @@ class TransformersAnswerer:
 class VllmAnswerer:
     """Answers batches of questions with vLLM's offline engine and this package's vLLM model."""
 
-    def __init__(self, model_path, settings: GenerationSettings, dtype: str, tensor_parallel_size: int):
+    def __init__(
+        self,
+        model_path,
+        settings: GenerationSettings,
+        dtype: torch.dtype,
+        tensor_parallel_size: int = 1,
+        enforce_eager: bool = False,
+    ):
         try:
             from vllm import LLM, SamplingParams
         except ImportError as error:
@@ -295,6 +308,7 @@ class VllmAnswerer:
             dtype=dtype,
             tensor_parallel_size=tensor_parallel_size,
             limit_mm_per_prompt={"image": 1},
+            enforce_eager=enforce_eager,
         )
         self.sampling = SamplingParams(
             temperature=settings.temperature, top_p=settings.top_p or 1.0, max_tokens=settings.max_new_tokens
