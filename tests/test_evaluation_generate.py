@@ -24,7 +24,7 @@ from tokenpacker.testing import write_shapes_questions
 from .serving.helpers import slice_model
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-# The original's conv_vicuna_v1 with "<image>\n" + question as the user turn (llava/conversation.py, model_vqa_loader.py)
+# The original's conv_vicuna_v1, "<image>\n" + question as the user turn (llava/conversation.py, model_vqa_loader.py)
 ORIGINAL_PROMPT = (
     "A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, detailed, "
     "and polite answers to the user's questions. USER: <image>\n{question} ASSISTANT:"
@@ -85,7 +85,8 @@ def test_answers_are_right_and_in_the_original_format(shapes, reference):
 def test_prompts_are_the_original_vicuna_v1_prompts(shapes, monkeypatch):
     folder, _ = shapes
     questions = read_questions(folder / "questions.jsonl", folder / "images")[:3]
-    answerer = TransformersAnswerer(PRETRAINED, GenerationSettings(max_new_tokens=8), torch.device("cpu"), torch.float32)
+    settings = GenerationSettings(max_new_tokens=8)
+    answerer = TransformersAnswerer(PRETRAINED, settings, torch.device("cpu"), torch.float32)
     seen = []
     generate_ids = answerer.model.generate
     monkeypatch.setattr(answerer.model, "generate", lambda **inputs: seen.append(inputs) or generate_ids(**inputs))
@@ -235,7 +236,8 @@ def test_scienceqa_questions_with_and_without_an_image(tmp_path):
 
     answers = read_answers(answers_file)
     suffix = "\nAnswer with the option's letter from the given choices directly."
-    assert [a["prompt"] for a in answers] == ["<image>\nWhat colour is it?" + suffix, "Say yes.\nA. yes\nB. no" + suffix]
+    prompts = ["<image>\nWhat colour is it?" + suffix, "Say yes.\nA. yes\nB. no" + suffix]
+    assert [answer["prompt"] for answer in answers] == prompts
     assert [list(a) for a in answers] == [ANSWER_KEYS] * 2
 
 

@@ -156,11 +156,14 @@ def checked_settings(args: argparse.Namespace) -> GenerationSettings:
             f"--conv-mode {args.conv_mode!r} is not supported: TokenPacker's checkpoints were trained and evaluated "
             f"with {CONV_MODE} (the processor's chat template), which every original evaluation script passes"
         )
-    positive = {"--num-beams": args.num_beams, "--max-new-tokens": args.max_new_tokens}
-    positive.update({"--batch-size": args.batch_size} if args.batch_size is not None else {})
-    positive["--tensor-parallel-size"] = args.tensor_parallel_size
-    for flag, value in positive.items():
-        if value < 1:
+    counts = {
+        "--num-beams": args.num_beams,
+        "--max-new-tokens": args.max_new_tokens,
+        "--batch-size": args.batch_size,
+        "--tensor-parallel-size": args.tensor_parallel_size,
+    }
+    for flag, value in counts.items():
+        if value is not None and value < 1:
             raise ValueError(f"{flag} must be a positive integer, got {value}")
     if not args.temperature >= 0:
         raise ValueError(f"--temperature must be 0 (greedy) or positive, got {args.temperature}")

@@ -92,7 +92,7 @@ def read_questions(
     """
     path = Path(question_file)
     if not path.is_file():
-        raise ValueError(f"question file {path} does not exist" + (" (it is a folder)" if path.is_dir() else ""))
+        raise ValueError(f"question file {path} " + ("is a folder, not a file" if path.is_dir() else "does not exist"))
     if lang not in SINGLE_PRED_PROMPTS:
         raise ValueError(f"lang must be one of {sorted(SINGLE_PRED_PROMPTS)}, got {lang!r}")
     suffix = path.suffix.lower()
