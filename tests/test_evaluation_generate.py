@@ -121,6 +121,9 @@ def test_slice_batches_with_different_grids_answer_like_one_at_a_time(tmp_path):
         for question, _ in render_scene("test", index).questions():
             lines.append(json.dumps({"question_id": f"q{len(lines)}", "image": f"{index}.png", "text": question}))
     (tmp_path / "questions.jsonl").write_text("\n".join(lines) + "\n")
+    image_processor = TokenPackerProcessor.from_pretrained(model).image_processor
+    grids = [image_processor(images / f"{index}.png")["image_grids"][0].tolist() for index in range(4)]
+    assert grids == [[1, 1], [1, 2], [3, 1], [2, 3]]  # 1, 3, 4 and 7 crops with the thumbnails
 
     one, batched = tmp_path / "one.jsonl", tmp_path / "batched.jsonl"
     assert generate(tmp_path / "questions.jsonl", images, one, model=model) == 0
@@ -139,7 +142,7 @@ def test_a_torn_last_line_is_dropped_and_the_rest_kept(shapes, reference, tmp_pa
     answers_file.write_bytes(content[:offset])
     kept = content[: max(end for end in [0, *ends] if end <= offset)]
 
-    assert generate(folder / "questions.jsonl", folder / "images", answers_file, "--batch-size", 3) == 0
+    assert generate(folder / "questions.jsonl", folder / "images", answers_file, "--batch-size", 8) == 0
     resumed = answers_file.read_bytes()
     assert resumed.startswith(kept)  # complete lines stay as they were, answer ids included
     assert without_ids(read_answers(answers_file)) == without_ids(read_answers(reference))

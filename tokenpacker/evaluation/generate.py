@@ -4,8 +4,8 @@ into the answers jsonl that the original's scorers and converters read.
 Each prompt is the original's: "<image>\\n" and the question as the user turn of the Vicuna v1 conversation, written
 by the processor's chat template, with the "pad" or "slice" crops of the model's processor. Answers are appended line
 by line and made durable after every batch: a run that stops continues when started again, skipping the questions
-already answered (a torn last line is dropped). Under `accelerate launch --num_processes N` every process answers its
-share of each step and the main process writes the one answers file, in question order. `--backend vllm` answers
+already answered (a torn last line is dropped). Under `accelerate launch --num_processes N` (or torchrun) every
+process answers its share of each step and the main process writes the one answers file, in question order. `--backend vllm` answers
 through vLLM's engine with this package's `tokenpacker.serving` plugin instead, parallel through its own
 `--tensor-parallel-size`.
 
