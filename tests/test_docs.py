@@ -82,6 +82,8 @@ REPLACEMENTS = [
     ("benchmarks/analytic.py", "benchmarks/analytic.py --llm 7B"),
     ("benchmarks/image_processing.py", "benchmarks/image_processing.py --seconds 0.1 --rounds 1"),
     ("playground/data/eval/", "tests/evaluation_fixtures/"),
+    ("--model-path tokenpacker/pretrained/tiny-shapes", f"--model-path {PRETRAINED}"),
+    ("benchmarks/evaluation.py", "benchmarks/evaluation.py --questions 2 --models tiny-shapes"),
 ]
 
 REAL_SIZE = {
@@ -102,6 +104,14 @@ VLLM_ENVIRONMENT = {
     "from openai import OpenAI": "a client of vllm serve: tests/serving/test_server.py runs this block against it",
     ".venv-vllm/bin/python benchmarks/serving.py": (
         "four vLLM engines in .venv-vllm (minutes): its results are in docs/serving.md"
+    ),
+    "VLLM_CPU_KVCACHE_SPACE=1 .venv-vllm/bin/tokenpacker-eval generate --backend vllm --enforce-eager \\\n"
+    "    --model-path tokenpacker/pretrained/tiny-shapes --question-file runs/shapes-eval/questions.jsonl \\\n"
+    "    --image-folder runs/shapes-eval/images --answers-file runs/shapes-eval/answers-vllm.jsonl": (
+        "tokenpacker-eval in .venv-vllm: tests/serving/test_evaluation_vllm.py runs it this way"
+    ),
+    "VLLM_CPU_KVCACHE_SPACE=1 .venv-vllm/bin/python benchmarks/evaluation.py": (
+        "vLLM's engine beside transformers in .venv-vllm (minutes): its results are in docs/evaluation.md"
     ),
 }
 
