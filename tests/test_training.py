@@ -573,6 +573,25 @@ def test_use_cpu_under_a_deepspeed_launch_is_refused(workspace, monkeypatch):
     assert not (workspace / "deepspeed_cpu").exists()
 
 
+@pytest.mark.parametrize(
+    "name, settings",
+    [
+        ("fsdp.yaml", {"distributed_type": "FSDP", "fsdp_version": 2, "fsdp_state_dict_type": "FULL_STATE_DICT"}),
+        ("deepspeed_zero2.yaml", {"distributed_type": "DEEPSPEED", "zero_stage": 2}),
+        ("deepspeed_zero3.yaml", {"distributed_type": "DEEPSPEED", "zero_stage": 3, "zero3_init_flag": False}),
+    ],
+)
+def test_the_shipped_configurations_load_in_accelerate(name, settings):
+    """Where DeepSpeed is not installed (the launches below are skipped) the configurations still load as accelerate
+    reads them."""
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(str(CONFIGS / name))
+    loaded = {"distributed_type": config.distributed_type.value, **config.fsdp_config, **config.deepspeed_config}
+    assert {key: loaded[key] for key in settings} == settings
+    assert (config.mixed_precision, config.num_processes, config.use_cpu) == ("bf16", 8, False)
+
+
 @pytest.mark.parametrize("stage", [2, 3])
 def test_deepspeed_zero_trains_like_data_parallel(workspace, data_parallel_run, stage):
     """The shipped deepspeed_zero{2,3}.yaml on 2 CPU processes (DeepSpeed's CPU accelerator over gloo, float32):
