@@ -205,7 +205,8 @@ class TokenPackerTrainer(Trainer):
             if state.mixed_precision != "no":
                 plugin.set_mixed_precision(state.mixed_precision)
             state.fsdp_plugin = plugin
-            state.distributed_type = PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+            state.distributed_type = DistributedType.FSDP
+            PartialState().distributed_type = DistributedType.FSDP  # as accelerate keeps them for FSDP on GPUs
             self.is_fsdp_enabled = True
 
     def create_optimizer(self, model=None):
