@@ -75,6 +75,7 @@ REPLACEMENTS = [
     ("openai/clip-vit-large-patch14-336", "{clip}"),
     ("lmsys/vicuna-7b-v1.5", "{llm}"),
     ("--bf16", "--bf16 --use-cpu"),
+    ("--config_file tokenpacker/configs/", "--config_file {configs}/"),
     ("shapes data --output-dir runs/shapes", "shapes data --output-dir runs/shapes --num-train 16 --num-test 6"),
     ("--max-steps 3000", "--max-steps 2"),
     ("--tokenpacker-model runs/tiny-shapes", "--tokenpacker-model runs/tiny-shapes --probe-train 12 --probe-test 6"),
@@ -239,6 +240,7 @@ def places(tmp_path_factory):
         "original_hd": str(hd.checkpoint),
         "clip": str(original.vision_tower),
         "llm": str(root / "llm"),
+        "configs": str(ROOT / "tokenpacker" / "configs"),
     }
 
 
