@@ -12,8 +12,10 @@ in an answer become spaces); the first error ends it with exit status 1.
 import argparse
 import math
 import os
+import signal
 import sys
-from contextlib import closing
+import threading
+from contextlib import closing, contextmanager
 
 from transformers.utils import logging as transformers_logging
 
@@ -80,17 +82,29 @@ class TerminalChat:
         label = self.styled("ASSISTANT:", BOLD + GREEN) + " " if self.interactive else ""
         sys.stdout.write(label)
         sys.stdout.flush()
-        with closing(self.session.ask(question)) as pieces:
-            try:
-                for piece in pieces:
-                    sys.stdout.write(piece if self.interactive else piece.replace("\n", " "))
-                    sys.stdout.flush()
-            except KeyboardInterrupt:
-                if not self.interactive:
-                    raise
-                sys.stdout.write(" [stopped]")
-        sys.stdout.write("\n")
+        with closing(self.session.ask(question)) as pieces, self.ctrl_c_stops() as stopped:
+            for piece in pieces:
+                if stopped.is_set():
+                    break
+                sys.stdout.write(piece if self.interactive else piece.replace("\n", " "))
+                sys.stdout.flush()
+        sys.stdout.write(" [stopped]\n" if stopped.is_set() else "\n")
         sys.stdout.flush()
+
+    @contextmanager
+    def ctrl_c_stops(self):
+        """In a terminal, Ctrl-C while an answer streams sets the event that this yields, and the answer stops at the
+        next piece. A handler, not KeyboardInterrupt: Python drops that exception when it lands in a callback run by
+        the garbage collector, and the answer would go on."""
+        stopped = threading.Event()
+        if not self.interactive:
+            yield stopped
+            return
+        previous = signal.signal(signal.SIGINT, lambda signum, frame: stopped.set())
+        try:
+            yield stopped
+        finally:
+            signal.signal(signal.SIGINT, previous)
 
     def handle(self, line: str) -> bool:
         """Runs one line; False when the chat should end."""
