@@ -80,9 +80,9 @@ class TerminalChat:
         if self.session.image_info is None:
             raise ValueError("load an image first: /image FILE_OR_URL")
         label = self.styled("ASSISTANT:", BOLD + GREEN) + " " if self.interactive else ""
-        sys.stdout.write(label)
-        sys.stdout.flush()
-        with closing(self.session.ask(question)) as pieces, self.ctrl_c_stops() as stopped:
+        with self.ctrl_c_stops() as stopped, closing(self.session.ask(question)) as pieces:
+            sys.stdout.write(label)
+            sys.stdout.flush()
             for piece in pieces:
                 if stopped.is_set():
                     break
@@ -93,14 +93,19 @@ class TerminalChat:
 
     @contextmanager
     def ctrl_c_stops(self):
-        """In a terminal, Ctrl-C while an answer streams sets the event that this yields, and the answer stops at the
-        next piece. A handler, not KeyboardInterrupt: Python drops that exception when it lands in a callback run by
+        """In a terminal, Ctrl-C while an answer streams stops its generation and sets the event that this yields.
+        A handler, not KeyboardInterrupt: Python drops that exception when it lands in a callback run by
         the garbage collector, and the answer would go on."""
         stopped = threading.Event()
         if not self.interactive:
             yield stopped
             return
-        previous = signal.signal(signal.SIGINT, lambda signum, frame: stopped.set())
+
+        def on_ctrl_c(signum, frame):
+            stopped.set()
+            self.session.stop()
+
+        previous = signal.signal(signal.SIGINT, on_ctrl_c)
         try:
             yield stopped
         finally:

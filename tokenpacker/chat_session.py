@@ -103,6 +103,7 @@ class ChatSession:
         self._image: PIL.Image.Image | None = None
         self._image_info: ImageInfo | None = None
         self._messages: list[dict] = []
+        self._stop = threading.Event()  # the stop signal of the answer being generated
 
     @classmethod
     def from_pretrained(
@@ -143,6 +144,11 @@ class ChatSession:
         self._image, self._image_info, self._messages = loaded, info, []
         return info
 
+    def stop(self) -> None:
+        """Stops the answer being generated, if any, after its current token; safe from another thread or a signal
+        handler. Its stream then ends, and the history stays as it was."""
+        self._stop.set()
+
     def reset(self) -> None:
         """Forgets the questions and answers; the image stays."""
         self._messages = []
@@ -169,6 +175,7 @@ class ChatSession:
             raise TypeError(f"text must be a string, got {type(text).__name__}")
         if not text.strip():
             raise ValueError("the question is empty")
+        self._stop = threading.Event()
         content = [{"type": "text", "text": text}]
         if not self._messages:
             content.insert(0, {"type": "image", "image": self._image})
@@ -199,7 +206,7 @@ class ChatSession:
     def _stream(self, question: dict, inputs, generation_kwargs: dict) -> Iterator[str]:
         """Runs `generate` in a thread and yields the streamer's text; its error, if any, is raised here."""
         streamer = TextIteratorStreamer(self.processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        stop = threading.Event()
+        stop = self._stop
         errors = []
 
         def generate():
