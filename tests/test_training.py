@@ -44,6 +44,8 @@ from tokenpacker.training import (
     train,
 )
 
+from .server_process import free_port
+
 VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, image_size=336, patch_size=56)
 SETTINGS = dict(vision_feature_layer=-1, multi_level_feature_layers=[1, 2, 3, 4], projector_num_heads=4)
 TOKENS = 9  # 6x6 patch grid packed with scale factor 2
@@ -422,9 +424,13 @@ def launch(launcher: list[str], arguments: list[str], **env) -> subprocess.Compl
 
 
 def accelerate_launch(config: str, *options: str) -> list[str]:
-    """`accelerate launch` with a shipped configuration on 2 processes."""
+    """`accelerate launch` with a shipped configuration on 2 processes, meeting on a free port (not the default
+    29500, which another run on the machine may hold)."""
     accelerate = Path(sys.executable).parent / "accelerate"
-    return [str(accelerate), "launch", "--config_file", str(CONFIGS / config), "--num_processes", "2", *options]
+    return [
+        str(accelerate), "launch", "--config_file", str(CONFIGS / config), "--num_processes", "2",
+        "--main_process_port", str(free_port()), *options,
+    ]  # fmt: skip
 
 
 def distributed_arguments(workspace, output) -> list[str]:
