@@ -490,6 +490,16 @@ def main(argv: list[str] | None = None):
     except ValueError as error:
         sys.exit(f"tokenpacker-train: error: {error}")
     train(model_args, data_args, training_args)
+    end_process_group()
+
+
+def end_process_group():
+    """Once every process has saved, takes down the process group of a launch with several processes. Left to the
+    interpreter's exit, gloo's threads could outlive their process group and abort the process ("terminate called
+    without an active exception") after a successful run."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
