@@ -189,6 +189,12 @@ class TokenPackerPreTrainedModel(PreTrainedModel):
     _supports_flex_attn = True
     _supports_attention_backend = True
 
+    def post_init(self):
+        super().post_init()
+        # The tower's and the language model's lists name classes of their whole family (CLIP's names its text
+        # embeddings): keep the classes this model holds, which FSDP's layer-by-layer wrapping looks for.
+        self._no_split_modules &= {type(module).__name__ for module in self.modules()}
+
     def _init_weights(self, module):
         if isinstance(module, TokenPackerProjector):
             for linear in module.modules():

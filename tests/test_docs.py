@@ -18,6 +18,8 @@ The tables:
   TOKENPACKER_DOCS_FULL=1.
 - VLLM_ENVIRONMENT: commands and Python blocks (by a line they hold) that run in vLLM's environment (.venv-vllm), not
   in this suite's; skipped by name, with where they do run.
+- WEB_DEMO: the web demo's install and server commands; skipped by name. Python blocks that name its address
+  (WEB_ADDRESS) run against the `web_demo` server of conftest.py (skipped without Gradio, as tests/test_web.py is).
 Shell blocks run in bash (`set -e`) with the running interpreter for `.venv/bin/python` and `python`, its folder
 (the console scripts) first on PATH, and huggingface_hub pointed at a Hub server on 127.0.0.1 (`your-name` may
 write there). Python blocks run in this process, each in a fresh namespace.
@@ -73,6 +75,7 @@ REPLACEMENTS = [
     ("openai/clip-vit-large-patch14-336", "{clip}"),
     ("lmsys/vicuna-7b-v1.5", "{llm}"),
     ("--bf16", "--bf16 --use-cpu"),
+    ("--config_file tokenpacker/configs/", "--config_file {configs}/"),
     ("shapes data --output-dir runs/shapes", "shapes data --output-dir runs/shapes --num-train 16 --num-test 6"),
     ("--base-dir runs/base --output-dir runs/tiny-shapes", "--base-dir runs/base --output-dir runs/tiny-shapes --max-steps 2"),
     ("--max-steps 5000", "--max-steps 2"),
@@ -80,6 +83,9 @@ REPLACEMENTS = [
     ("ship --model runs/tiny-shapes --force", "ship --model runs/tiny-shapes --output-dir runs/shipped"),
     ("benchmarks/analytic.py", "benchmarks/analytic.py --llm 7B"),
     ("benchmarks/image_processing.py", "benchmarks/image_processing.py --seconds 0.1 --rounds 1"),
+    ("playground/data/eval/", "tests/evaluation_fixtures/"),
+    ("--model-path tokenpacker/pretrained/tiny-shapes", f"--model-path {PRETRAINED}"),
+    ("benchmarks/evaluation.py", "benchmarks/evaluation.py --questions 2 --models tiny-shapes"),
 ]
 
 REAL_SIZE = {
@@ -101,7 +107,21 @@ VLLM_ENVIRONMENT = {
     ".venv-vllm/bin/python benchmarks/serving.py": (
         "four vLLM engines in .venv-vllm (minutes): its results are in docs/serving.md"
     ),
+    "VLLM_CPU_KVCACHE_SPACE=1 .venv-vllm/bin/tokenpacker-eval generate --backend vllm --enforce-eager \\\n"
+    "    --model-path tokenpacker/pretrained/tiny-shapes --question-file runs/shapes-eval/questions.jsonl \\\n"
+    "    --image-folder runs/shapes-eval/images --answers-file runs/shapes-eval/answers-vllm.jsonl": (
+        "tokenpacker-eval in .venv-vllm: tests/serving/test_evaluation_vllm.py runs it this way"
+    ),
+    "VLLM_CPU_KVCACHE_SPACE=1 .venv-vllm/bin/python benchmarks/evaluation.py": (
+        "vLLM's engine beside transformers in .venv-vllm (minutes): its results are in docs/evaluation.md"
+    ),
 }
+
+WEB_DEMO = {
+    'pip install -e ".[web]"': "installs Gradio here: .ci/run installs the web extra before it runs the web tests",
+    "tokenpacker-web": "a server that runs until stopped: tests/web_server.py starts it for the web tests",
+}
+WEB_ADDRESS = "http://127.0.0.1:7860/"
 
 
 @dataclass(frozen=True)
@@ -156,12 +176,12 @@ NOT_RUN_HERE = [  # (test id, command, reason): commands taken out of their bloc
     (
         f"{name}::{command.split(' #')[0].strip()[:90]}",
         command,
-        "needs a GPU" if GPU_MARK.search(command) else VLLM_ENVIRONMENT.get(command),
+        "needs a GPU" if GPU_MARK.search(command) else VLLM_ENVIRONMENT.get(command) or WEB_DEMO.get(command),
     )
     for name, block in BLOCKS
     if block.is_shell
     for command in shell_commands(block.text)
-    if GPU_MARK.search(command) or command in REAL_SIZE or command in VLLM_ENVIRONMENT
+    if GPU_MARK.search(command) or command in REAL_SIZE or command in VLLM_ENVIRONMENT or command in WEB_DEMO
 ]
 
 
@@ -221,6 +241,7 @@ def places(tmp_path_factory):
         "original_hd": str(hd.checkpoint),
         "clip": str(original.vision_tower),
         "llm": str(root / "llm"),
+        "configs": str(ROOT / "tokenpacker" / "configs"),
     }
 
 
@@ -256,14 +277,15 @@ def run_shell(script: str, cwd: Path, places: dict, hub) -> subprocess.Completed
     env["XDG_CACHE_HOME"] = str(cwd / ".cache")  # the demo's random model
     before = package_files_digest()
     result = subprocess.run(
-        ["bash", "-e", "-o", "pipefail", "-c", script], cwd=cwd, env=env, capture_output=True, text=True, timeout=TIMEOUT_S
+        ["bash", "-e", "-o", "pipefail", "-c", script], cwd=cwd, env=env, capture_output=True, text=True, timeout=TIMEOUT_S,
+        stdin=subprocess.DEVNULL,  # never the terminal pytest runs in: an interactive command reads EOF and ends
     )
     assert package_files_digest() == before, "a documented command changed the package's shipped model"
     return result
 
 
 @pytest.mark.parametrize("block", [block for _, block in BLOCKS], ids=[name for name, _ in BLOCKS])
-def test_documented_block_runs(block, places, hub, workspaces, monkeypatch, capsys):
+def test_documented_block_runs(block, places, hub, workspaces, monkeypatch, capsys, request):
     cwd = workspaces(block.page)
     if block.is_shell:
         command = block.text.strip()
@@ -276,6 +298,7 @@ def test_documented_block_runs(block, places, hub, workspaces, monkeypatch, caps
             commands = [
                 command for command in shell_commands(block.text)
                 if not GPU_MARK.search(command) and command not in REAL_SIZE and command not in VLLM_ENVIRONMENT
+                and command not in WEB_DEMO
             ]  # fmt: skip
         if not commands:
             pytest.skip("every command of this block is reported on its own (see test_command_not_run_here)")
@@ -294,6 +317,8 @@ def test_documented_block_runs(block, places, hub, workspaces, monkeypatch, caps
     monkeypatch.chdir(cwd)
     before = package_files_digest()
     source = substitute(block.text, places)
+    if WEB_ADDRESS in source:
+        source = source.replace(WEB_ADDRESS, request.getfixturevalue("web_demo"))
     exec(compile(source, f"{block.page.name}::{block.heading}", "exec"), {"__name__": "__docs__"})
     assert package_files_digest() == before
     assert capsys.readouterr().out.strip(), "every Python block of the docs prints what it shows"
@@ -314,7 +339,7 @@ def test_command_not_run_here(command, reason, places, hub, workspaces):
 def test_the_tables_name_only_what_the_docs_hold():
     """A table entry that no block uses any more is stale: the docs changed under it."""
     texts = [block.text for _, block in BLOCKS]
-    for documented in [*SETUP_COMMANDS, *REAL_SIZE, *VLLM_ENVIRONMENT]:
+    for documented in [*SETUP_COMMANDS, *REAL_SIZE, *VLLM_ENVIRONMENT, *WEB_DEMO, WEB_ADDRESS]:
         assert any(documented in text for text in texts), documented
     for documented, _ in REPLACEMENTS:
         assert any(documented in text for text in texts), documented

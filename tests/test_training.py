@@ -4,8 +4,11 @@ frozen parameters, Trainer checkpoints and LoRA."""
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import sentencepiece as spm
@@ -21,6 +24,7 @@ from transformers import (
     LlamaForCausalLM,
 )
 
+import tokenpacker
 from tokenpacker import TokenPackerForConditionalGeneration, TokenPackerProcessor, from_vision_and_text
 from tokenpacker.building import build_model_and_processor
 from tokenpacker.configuration.compat_tokenpacker import training_activation_checkpointing_argument
@@ -39,6 +43,8 @@ from tokenpacker.training import (
     set_trainable,
     train,
 )
+
+from .server_process import free_port
 
 VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, image_size=336, patch_size=56)
 SETTINGS = dict(vision_feature_layer=-1, multi_level_feature_layers=[1, 2, 3, 4], projector_num_heads=4)
@@ -341,9 +347,9 @@ def test_the_projector_and_the_tower_can_have_learning_rates_of_their_own(worksp
     assert optimizer.param_groups[0]["lr"] == 1e-3  # the one the Trainer logs
 
 
-def command_arguments(workspace, output) -> list[str]:
-    """`tokenpacker-train` arguments: a new model from the workspace's tower and language model, 2 steps of 2 scenes
-    per process, a checkpoint at step 2."""
+def command_arguments(workspace, output, steps=2) -> list[str]:
+    """`tokenpacker-train` arguments: a new model from the workspace's tower and language model, `steps` steps of 2
+    scenes per process, a checkpoint at the last step."""
     return [
         "--vision-tower", str(workspace / "vision"),
         "--language-model", str(workspace / "text"),
@@ -353,8 +359,8 @@ def command_arguments(workspace, output) -> list[str]:
         "--data-path", str(workspace / "data" / "train.json"),
         "--output-dir", str(output),
         "--per-device-train-batch-size", "2",
-        "--max-steps", "2",
-        "--save-steps", "2",
+        "--max-steps", str(steps),
+        "--save-steps", str(steps),
         "--use-cpu",
         "--report-to", "none",
         "--disable-tqdm", "true",
@@ -401,22 +407,223 @@ def test_the_command_saves_checkpoints_that_reload(workspace):
     assert torch.equal(reloaded(images=scene.image, text=prompt)["input_ids"], processor(images=scene.image, text=prompt)["input_ids"])
 
 
-def test_the_command_trains_data_parallel_on_two_processes(workspace):
-    """`torchrun --nproc_per_node 2` (DDP over gloo on CPU): each step takes a batch on each process, so 2 steps of
-    2 scenes per process make one epoch of the 8 training scenes; the checkpoint and the final folder reload."""
-    output = workspace / "ddp"
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    command = [*launcher, "-m", "tokenpacker.training", *command_arguments(workspace, output)]
-    result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    state = json.loads((output / "checkpoint-2" / "trainer_state.json").read_text())
-    assert state["global_step"] == 2 and state["epoch"] == 1.0
+STEPS = 4  # the two-process runs: 4 steps of 2 scenes per process are 2 epochs of the 8 training scenes
+CONFIGS = Path(tokenpacker.__file__).parent / "configs"
+REPORT = re.compile(
+    r"Parameter elements held by each of the 2 processes: ([\d,]+), ([\d,]+) of ([\d,]+); "
+    r"of the largest parameter, (\S+): ([\d,]+), ([\d,]+) of ([\d,]+)"
+)
+
+
+def launch(launcher: list[str], arguments: list[str], **env) -> subprocess.CompletedProcess:
+    """Runs `tokenpacker.training` with `arguments` under a launcher of 2 processes, one thread each."""
+    command = [*launcher, "-m", "tokenpacker.training", *arguments]
+    return subprocess.run(
+        command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1", **env}, timeout=600
+    )
+
+
+def accelerate_launch(config: str, *options: str) -> list[str]:
+    """`accelerate launch` with a shipped configuration on 2 processes, meeting on a free port (not the default
+    29500, which another run on the machine may hold)."""
+    accelerate = Path(sys.executable).parent / "accelerate"
+    return [
+        str(accelerate), "launch", "--config_file", str(CONFIGS / config), "--num_processes", "2",
+        "--main_process_port", str(free_port()), *options,
+    ]  # fmt: skip
+
+
+def distributed_arguments(workspace, output) -> list[str]:
+    """The runs compared with each other: STEPS steps at a learning rate that moves the loss, each step logged."""
+    return [*command_arguments(workspace, output, STEPS), "--learning-rate", "2e-3", "--logging-steps", "1"]
+
+
+@dataclass
+class HeldElements:
+    """The numbers `tokenpacker-train` prints when training starts on 2 processes."""
+
+    held: list[int]
+    total: int
+    largest: str
+    largest_held: list[int]
+    largest_total: int
+
+    @classmethod
+    def from_output(cls, stdout: str) -> "HeldElements":
+        match = REPORT.search(stdout)
+        assert match, stdout[-3000:]
+        numbers = [int(group.replace(",", "")) for group in match.groups()[:3] + match.groups()[4:]]
+        return cls(numbers[:2], numbers[2], match.group(4), numbers[3:5], numbers[5])
+
+    def assert_halved(self):
+        assert sum(self.held) == self.total and all(abs(held - self.total / 2) < 0.01 * self.total for held in self.held)
+        assert self.largest_held == [self.largest_total // 2] * 2  # its 32 rows, 16 on each process
+
+
+def loss_history(output) -> list[float]:
+    """The loss and gradient norm of every step, from the last checkpoint's trainer state."""
+    state = json.loads((output / f"checkpoint-{STEPS}" / "trainer_state.json").read_text())
+    assert state["global_step"] == STEPS and state["epoch"] == 2.0
+    return [entry[key] for entry in state["log_history"] if "loss" in entry for key in ("loss", "grad_norm")]
+
+
+def scene_logits(model, processor) -> torch.Tensor:
+    scene = render_scene("test", 0)
+    prompt = processor.apply_chat_template(
+        [{"role": "user", "content": "<image>\nWhat colour is the shape?"}], add_generation_prompt=True, tokenize=False
+    )
+    with torch.no_grad():
+        return model.eval()(**processor(images=scene.image, text=prompt, return_tensors="pt")).logits
+
+
+def assert_reloads_like(output, reference_logits):
+    """The final folder reloads with its processor and gives `reference_logits`; the last checkpoint holds the same
+    weights."""
     final = TokenPackerForConditionalGeneration.from_pretrained(output)
-    checkpoint = TokenPackerForConditionalGeneration.from_pretrained(output / "checkpoint-2")
-    initial, _ = new_model(workspace)
-    assert not torch.equal(final.lm_head.weight, initial.lm_head.weight)
+    torch.testing.assert_close(scene_logits(final, TokenPackerProcessor.from_pretrained(output)), reference_logits)
+    checkpoint = TokenPackerForConditionalGeneration.from_pretrained(output / f"checkpoint-{STEPS}")
     for name, weight in final.state_dict().items():
         assert torch.equal(weight, checkpoint.state_dict()[name]), name
+
+
+@pytest.fixture(scope="module")
+def data_parallel_run(workspace):
+    """`torchrun --nproc_per_node 2` (DDP over gloo on CPU): the reference of the sharded runs."""
+    output = workspace / "ddp"
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    result = launch(launcher, distributed_arguments(workspace, output))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return output, result.stdout
+
+
+def test_the_command_trains_data_parallel_on_two_processes(workspace, data_parallel_run):
+    """Each step takes a batch on each process, so 4 steps of 2 scenes per process make 2 epochs of the 8 training
+    scenes; every process holds the whole model; the checkpoint and the final folder reload."""
+    output, stdout = data_parallel_run
+    report = HeldElements.from_output(stdout)
+    assert report.held == [report.total] * 2 and report.largest_held == [report.largest_total] * 2
+    assert len(loss_history(output)) == 2 * STEPS
+    final = TokenPackerForConditionalGeneration.from_pretrained(output)
+    initial, processor = new_model(workspace)
+    assert not torch.equal(final.lm_head.weight, initial.lm_head.weight)
+    logits = scene_logits(final, processor)
+    assert (logits - scene_logits(initial, processor)).abs().max() > 0.1  # the comparisons below are not trivial
+    assert_reloads_like(output, logits)
+
+
+def test_fsdp_shards_the_model_and_trains_like_data_parallel(workspace, data_parallel_run):
+    """The shipped fsdp.yaml on 2 CPU processes (gloo, float32): each process holds half of the parameters, the
+    losses and gradient norms are DDP's, and the gathered checkpoint and final folder reload as DDP's model."""
+    ddp_output, _ = data_parallel_run
+    output = workspace / "fsdp"
+    launcher = accelerate_launch("fsdp.yaml", "--mixed_precision", "no")
+    result = launch(launcher, [*distributed_arguments(workspace, output), "--use-cpu"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = HeldElements.from_output(result.stdout)
+    report.assert_halved()
+    assert loss_history(output) == pytest.approx(loss_history(ddp_output), rel=1e-5)
+    ddp_model = TokenPackerForConditionalGeneration.from_pretrained(ddp_output)
+    assert_reloads_like(output, scene_logits(ddp_model, TokenPackerProcessor.from_pretrained(ddp_output)))
+
+
+def test_fsdp_stage_1_trains_the_projector_alone(workspace):
+    """fsdp.yaml as shipped (bfloat16 compute) with --stage 1: the frozen tower and language model are sharded in
+    units of their own, the projector trains in its unit, and every frozen weight is saved unchanged."""
+    output = workspace / "fsdp_stage1"
+    arguments = [*command_arguments(workspace, output), "--stage", "1", "--seed", "0"]
+    result = launch(accelerate_launch("fsdp.yaml"), arguments)
+    assert result.returncode == 0, result.stderr[-3000:]
+    HeldElements.from_output(result.stdout).assert_halved()
+    trained = TokenPackerForConditionalGeneration.from_pretrained(output).state_dict()
+    torch.manual_seed(0)
+    initial, _ = new_model(workspace)
+    changed = {name for name, weight in initial.state_dict().items() if not torch.equal(weight, trained[name])}
+    projector = {name for name in trained if name.startswith("model.multi_modal_projector.")}
+    assert changed and changed <= projector
+
+
+def test_fsdp_wraps_classes_that_the_model_holds():
+    """FSDP wraps each class of `_no_split_modules` as a unit and fails on a class the model does not hold; the
+    tower's own list names its family's text embeddings."""
+    from .builders import tiny_config
+
+    model = TokenPackerForConditionalGeneration(tiny_config())
+    held = {type(module).__name__ for module in model.modules()}
+    assert {"TokenPackerProjector", "CLIPEncoderLayer", "LlamaDecoderLayer"} <= model._no_split_modules <= held
+
+
+def test_processes_that_cannot_train_together_are_refused(workspace):
+    """fsdp.yaml on a machine without a GPU and without --use-cpu: the 2 processes would each train alone and write
+    the same folder; each stops with one clear error before writing anything."""
+    output = workspace / "alone"
+    arguments = [argument for argument in command_arguments(workspace, output) if argument != "--use-cpu"]
+    result = launch(accelerate_launch("fsdp.yaml"), arguments, CUDA_VISIBLE_DEVICES="")
+    assert result.returncode != 0
+    message = (
+        "tokenpacker-train: error: 2 processes were launched (WORLD_SIZE=2) but they do not train together: "
+        "no GPU was found for them. On the CPU add --use-cpu, or --ddp-backend gloo under a DeepSpeed configuration"
+    )
+    assert result.stderr.count(message) == 2, result.stderr[-3000:]
+    assert not output.exists()
+
+
+def test_use_cpu_under_a_deepspeed_launch_is_refused(workspace, monkeypatch):
+    """accelerate turns DeepSpeed off for --use-cpu and would train with plain data parallelism instead."""
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    with pytest.raises(SystemExit) as exit_info:
+        main(command_arguments(workspace, workspace / "deepspeed_cpu"))
+    assert exit_info.value.code == (
+        "tokenpacker-train: error: --use-cpu turns DeepSpeed off: leave it out and add --ddp-backend gloo to run "
+        "DeepSpeed on the CPU"
+    )
+    assert not (workspace / "deepspeed_cpu").exists()
+
+
+@pytest.mark.parametrize(
+    "name, settings",
+    [
+        ("fsdp.yaml", {"distributed_type": "FSDP", "fsdp_version": 2, "fsdp_state_dict_type": "FULL_STATE_DICT"}),
+        ("deepspeed_zero2.yaml", {"distributed_type": "DEEPSPEED", "zero_stage": 2}),
+        ("deepspeed_zero3.yaml", {"distributed_type": "DEEPSPEED", "zero_stage": 3, "zero3_init_flag": False}),
+    ],
+)
+def test_the_shipped_configurations_load_in_accelerate(name, settings):
+    """Where DeepSpeed is not installed (the launches below are skipped) the configurations still load as accelerate
+    reads them."""
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(str(CONFIGS / name))
+    loaded = {"distributed_type": config.distributed_type.value, **config.fsdp_config, **config.deepspeed_config}
+    assert {key: loaded[key] for key in settings} == settings
+    assert (config.mixed_precision, config.num_processes, config.use_cpu) == ("bf16", 8, False)
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_zero_trains_like_data_parallel(workspace, data_parallel_run, stage):
+    """The shipped deepspeed_zero{2,3}.yaml on 2 CPU processes (DeepSpeed's CPU accelerator over gloo, float32):
+    ZeRO-2 keeps the whole weights in each process and one optimizer-state partition per process, ZeRO-3 halves the
+    weights; the losses are DDP's and the final folder reloads as DDP's model."""
+    pytest.importorskip("deepspeed")
+    ddp_output, _ = data_parallel_run
+    output = workspace / f"zero{stage}"
+    launcher = accelerate_launch(f"deepspeed_zero{stage}.yaml", "--mixed_precision", "no")
+    arguments = [argument for argument in distributed_arguments(workspace, output) if argument != "--use-cpu"]
+    result = launch(launcher, [*arguments, "--ddp-backend", "gloo"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = HeldElements.from_output(result.stdout)
+    if stage == 3:
+        report.assert_halved()
+    else:
+        assert report.held == [report.total] * 2
+    partitions = sorted(path.name for path in (output / f"checkpoint-{STEPS}" / f"global_step{STEPS}").iterdir())
+    assert [name for name in partitions if name.endswith("optim_states.pt")] == [
+        "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+        "zero_pp_rank_1_mp_rank_00_optim_states.pt",
+    ]
+    assert loss_history(output) == pytest.approx(loss_history(ddp_output), rel=1e-5)
+    ddp_model = TokenPackerForConditionalGeneration.from_pretrained(ddp_output)
+    assert_reloads_like(output, scene_logits(ddp_model, TokenPackerProcessor.from_pretrained(ddp_output)))
+
 
 def test_lora_trains_adapters_and_saves_a_merged_model(workspace):
     pytest.importorskip("peft")

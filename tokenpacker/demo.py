@@ -25,13 +25,13 @@ from transformers import AutoModelForImageTextToText, AutoProcessor, pipeline
 
 from . import TokenPackerConfig, TokenPackerForConditionalGeneration, TokenPackerProcessor, __version__
 from .building import generation_config_for
+from .chat_session import describe_image
 from .processing import fast_tokenizer_from_sentencepiece, train_llama_sentencepiece
 from .shapes import PRETRAINED, QUESTION_KINDS, render_scene
 from .staging import OutputFolder
 
 DEMO_IMAGE = files("tokenpacker") / "assets" / "demo.png"
 QUESTION = "What shapes are in this image, and what colour are they?"
-LLAVA_VISUAL_TOKENS = 576  # LLaVA-1.5's MLP projector: one token per CLIP ViT-L/14-336 patch
 VOCABULARY_WORDS = (
     "a the this that there is are was what which how many image picture shows show see left right top bottom "
     "middle red green blue yellow black white grey colour color shape shapes square circle triangle line big "
@@ -128,23 +128,6 @@ def is_checkpoint(folder: Path) -> bool:
     return all((folder / name).is_file() for name in ("config.json", "model.safetensors", "processor_config.json"))
 
 
-def visual_token_summary(processor: TokenPackerProcessor, image: Image.Image) -> str:
-    """How many tokens the image takes in the language model, next to LLaVA-1.5's 576."""
-    mode = processor.image_processor.image_aspect_ratio
-    h_block, w_block = processor.image_processor(image)["image_grids"][0].tolist()
-    layout = processor.image_token_layout(h_block, w_block, mode)
-    visual_tokens = layout.count(processor.image_token_id)
-    summary = f"{visual_tokens} for the image"
-    if mode == "slice":
-        crops = h_block * w_block
-        thumbnail = " + 1 thumbnail" if crops > 1 else ""
-        summary += (
-            f" ({h_block}x{w_block} grid of crops{thumbnail}, {processor.num_image_tokens} tokens per crop, "
-            f"plus {len(layout) - visual_tokens} separator tokens)"
-        )
-    return summary + f"; LLaVA-1.5 uses {LLAVA_VISUAL_TOKENS} for one 336x336 crop"
-
-
 def trained_model_demo(scene_index: int, question: str | None, max_new_tokens: int) -> int:
     """The shipped tiny-shapes model answers questions about a held-out scene."""
     load_start = time.perf_counter()
@@ -233,7 +216,7 @@ def random_model_demo(parser: argparse.ArgumentParser, args: argparse.Namespace)
     print(f"Mode: {mode}, image {image.width}x{image.height} ({DEMO_IMAGE})")
     print(f"Question: {question}")
     print(f"Answer: {answer}")
-    print(f"Visual tokens: {visual_token_summary(processor, image)}")
+    print(f"Visual tokens: {describe_image(processor, image).summary()}")
     print(f"Time: {answer_seconds:.1f} s to answer, {load_seconds:.1f} s to build or load the model")
     print(
         "The weights are random, so the answer is noise: this demo shows the whole path (Hub folder, Auto classes, "

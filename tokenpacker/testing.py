@@ -3,9 +3,13 @@
 Independent references written from TOKENPACKER.md, never from this package's modeling or processing code: the
 original projector (`OriginalTokenPacker`, its original parameter names, computed by the original formula that the
 conversion also verifies against) and the original image pipelines (`reference_pad`, `reference_slice`), plus the
-deterministic test image `photo` and the config of an original checkpoint (`original_llava_config`). Imports no test framework; nothing of the package imports it.
+deterministic test image `photo`, the config of an original checkpoint (`original_llava_config`) and question files in
+the original's format from held-out tiny-shapes scenes (`write_shapes_questions`). Imports no test framework; nothing
+of the package imports it.
 """
 
+import json
+import pathlib
 from functools import lru_cache
 
 import numpy as np
@@ -15,6 +19,7 @@ from torch import nn
 from transformers import CLIPImageProcessorPil
 
 from .conversion.verify import original_projector_formula
+from .shapes import render_scene
 
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -214,6 +219,23 @@ def original_llava_config(
     return config
 
 
+def write_shapes_questions(folder, num_scenes, split="test"):
+    """Every question of the first `num_scenes` tiny-shapes scenes of `split`, as a question file in the original's
+    jsonl format (`folder/questions.jsonl`, images in `folder/images`). Returns {question_id: the scene's answer}."""
+    folder = pathlib.Path(folder)
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    lines, answers = [], {}
+    for index in range(num_scenes):
+        scene = render_scene(split, index)
+        image = f"{split}-{index}.png"
+        scene.image.save(folder / "images" / image)
+        for question, answer in scene.questions():
+            answers[len(lines)] = answer
+            lines.append(json.dumps({"question_id": len(lines), "image": image, "text": question}))
+    (folder / "questions.jsonl").write_text("".join(line + "\n" for line in lines))
+    return answers
+
+
 __all__ = [
     "CLIP_MEAN",
     "CLIP_STD",
@@ -225,4 +247,5 @@ __all__ = [
     "reference_grids",
     "reference_pad",
     "reference_slice",
+    "write_shapes_questions",
 ]

@@ -15,15 +15,20 @@ several GPUs or machines the same command runs under `accelerate launch --config
 import json
 import os
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from accelerate import PartialState
+from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 from PIL import Image
 from torch import nn
+from torch.distributed.tensor import DTensor
 from torch.utils.data import Dataset
-from transformers import HfArgumentParser, Trainer, TrainingArguments, set_seed
-from transformers.integrations import is_deepspeed_zero3_enabled
+from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments, set_seed
+from transformers.integrations import is_deepspeed_zero3_enabled, set_hf_deepspeed_config, unset_hf_deepspeed_config
+from transformers.training_args import ParallelMode
 from transformers.utils import is_torch_bf16_gpu_available, is_torch_xla_available
 
 from .building import build_model_and_processor
@@ -136,11 +141,73 @@ class TokenPackerTrainingArguments(TrainingArguments):
                     "--bf16 needs a GPU with bfloat16 support and this machine has none: leave out --bf16, "
                     "or add --use-cpu to train on the CPU"
                 )
+        if self.use_cpu and os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+            # accelerate would train with plain data parallelism instead.
+            raise ValueError(
+                "--use-cpu turns DeepSpeed off: leave it out and add --ddp-backend gloo to run DeepSpeed on the CPU"
+            )
         super().__post_init__()
+        # A launcher that starts N processes sets WORLD_SIZE; where accelerate finds no device for them they would
+        # each train alone and all write the same output folder.
+        launched = int(os.environ.get("WORLD_SIZE", "1"))
+        if launched > 1 and (self.world_size != launched or self.parallel_mode != ParallelMode.DISTRIBUTED):
+            raise ValueError(
+                f"{launched} processes were launched (WORLD_SIZE={launched}) but they do not train together: no GPU "
+                "was found for them. On the CPU add --use-cpu, or --ddp-backend gloo under a DeepSpeed configuration"
+            )
+
+
+def fsdp_requested(training_args: TrainingArguments) -> bool:
+    """Whether FSDP was asked for: by `accelerate launch` with an FSDP configuration, or by `--fsdp`."""
+    return bool(training_args.fsdp) or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true")
+
+
+def held_elements(parameter: torch.Tensor) -> tuple[int, int]:
+    """(elements this process holds, elements of the whole parameter): an FSDP2 parameter is a DTensor whose local
+    tensor is this process's shard; a DeepSpeed ZeRO-3 parameter keeps its partition in `ds_tensor`."""
+    if isinstance(parameter, DTensor):
+        return parameter.to_local().numel(), parameter.numel()
+    if hasattr(parameter, "ds_tensor"):
+        return parameter.ds_tensor.numel(), parameter.ds_numel
+    return parameter.numel(), parameter.numel()
+
+
+class ParameterShardsReport(TrainerCallback):
+    """Prints, when training on several processes starts, how many parameter elements each process holds, in all and
+    of the largest parameter: all of them under data parallelism, about 1/N each where FSDP or ZeRO-3 shards them."""
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if args.world_size == 1:
+            return
+        sizes = {name: held_elements(parameter) for name, parameter in model.named_parameters()}
+        largest = max(sizes, key=lambda name: sizes[name][1])
+        held = [sum(local for local, _ in sizes.values()), sizes[largest][0]]
+        every = [None] * args.world_size
+        torch.distributed.all_gather_object(every, held)
+        if state.is_world_process_zero:
+            total = sum(whole for _, whole in sizes.values())
+            print(
+                f"Parameter elements held by each of the {args.world_size} processes: "
+                f"{', '.join(f'{counts[0]:,}' for counts in every)} of {total:,}; of the largest parameter, "
+                f"{largest}: {', '.join(f'{counts[1]:,}' for counts in every)} of {sizes[largest][1]:,}"
+            )
 
 
 class TokenPackerTrainer(Trainer):
-    """A Trainer whose optimizer can give the projector and the vision tower learning rates of their own."""
+    """A Trainer whose optimizer can give the projector and the vision tower learning rates of their own, and which
+    shards the model with FSDP on the CPU too (accelerate applies an FSDP launch configuration on GPUs only)."""
+
+    def create_accelerator_and_postprocess(self):
+        super().create_accelerator_and_postprocess()
+        state = self.accelerator.state
+        if state.distributed_type == DistributedType.MULTI_CPU and fsdp_requested(self.args):
+            plugin = FullyShardedDataParallelPlugin(**(self.args.fsdp_plugin_args or {}))
+            if state.mixed_precision != "no":
+                plugin.set_mixed_precision(state.mixed_precision)
+            state.fsdp_plugin = plugin
+            state.distributed_type = DistributedType.FSDP
+            PartialState().distributed_type = DistributedType.FSDP  # as accelerate keeps them for FSDP on GPUs
+            self.is_fsdp_enabled = True
 
     def create_optimizer(self, model=None):
         optimizer = super().create_optimizer(model)
@@ -362,8 +429,7 @@ def make_trainer(
     training_args: TokenPackerTrainingArguments,
 ) -> Trainer:
     """Freezes what the stage keeps fixed, adds LoRA if asked, and wires the data into a Trainer."""
-    fsdp = training_args.fsdp or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true")
-    if model_args.lora_enable and (fsdp or is_deepspeed_zero3_enabled()):
+    if model_args.lora_enable and (fsdp_requested(training_args) or is_deepspeed_zero3_enabled()):
         raise ValueError("--lora-enable merges the adapters into full weights at the end: use DDP or DeepSpeed ZeRO-2")
     set_trainable(model, model_args.stage, model_args.train_vision_tower)
     if model_args.lora_enable:
@@ -376,13 +442,31 @@ def make_trainer(
         ),
         data_collator=ConversationCollator(processor.tokenizer.pad_token_id),
         processing_class=processor,
+        callbacks=[ParameterShardsReport()],
     )
+
+
+@contextmanager
+def whole_weights_in_every_process(training_args: TrainingArguments):
+    """Lets `from_pretrained` load whole weights under a ZeRO-3 launch whose configuration leaves out ZeRO-3's
+    partitioned initialization (`zero3_init_flag: false`): transformers partitions every model built while ZeRO-3 is
+    on, and a new model copies weights between whole models. DeepSpeed partitions the model when training starts."""
+    plugin = getattr(training_args, "deepspeed_plugin", None)
+    if plugin is None or plugin.zero3_init_flag or not is_deepspeed_zero3_enabled():
+        yield
+        return
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        set_hf_deepspeed_config(plugin.dschf)
 
 
 def train(model_args: ModelArguments, data_args: DataArguments, training_args: TokenPackerTrainingArguments) -> Trainer:
     """Builds or loads the model, trains it and saves it in `output_dir`; returns the Trainer."""
     set_seed(training_args.seed)  # a new model's projector and new embeddings start from --seed too
-    model, processor = load_model_and_processor(model_args)
+    with whole_weights_in_every_process(training_args):
+        model, processor = load_model_and_processor(model_args)
     trainer = make_trainer(model, processor, model_args, data_args, training_args)
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     save_trained(trainer, processor, training_args.output_dir)
@@ -406,6 +490,16 @@ def main(argv: list[str] | None = None):
     except ValueError as error:
         sys.exit(f"tokenpacker-train: error: {error}")
     train(model_args, data_args, training_args)
+    end_process_group()
+
+
+def end_process_group():
+    """Once every process has saved, takes down the process group of a launch with several processes. Left to the
+    interpreter's exit, gloo's threads could outlive their process group and abort the process ("terminate called
+    without an active exception") after a successful run."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

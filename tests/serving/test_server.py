@@ -3,10 +3,7 @@
 import base64
 import io
 import json
-import socket
-import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 
@@ -14,18 +11,13 @@ import pytest
 
 from tokenpacker.shapes import PRETRAINED, render_scene
 
+from ..server_process import free_port, running_server
 from .helpers import REPO_ROOT, vllm_environment
 
 SERVED_NAME = "tokenpacker/pretrained/tiny-shapes"  # what the docs' command serves, from the repository root
 DOCS = REPO_ROOT / "docs" / "serving.md"
 STARTUP_TIMEOUT = 420  # seconds until the server answers /health
 REQUEST_TIMEOUT = 120
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def request(url: str, payload: dict | None = None, timeout: float = REQUEST_TIMEOUT) -> tuple[int, dict | str]:
@@ -53,33 +45,11 @@ def server(tmp_path_factory):
         "--host", "127.0.0.1", "--port", str(port), "--served-model-name", SERVED_NAME,
         "--dtype", "float32", "--max-model-len", "512", "--enforce-eager", "--limit-mm-per-prompt", '{"image": 1}',
     ]  # fmt: skip
-    log_path = tmp_path / "server.log"
-    with open(log_path, "w") as log:
-        process = subprocess.Popen(
-            command, cwd=REPO_ROOT, env=vllm_environment(tmp_path), stdout=log, stderr=subprocess.STDOUT
-        )
     base_url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + STARTUP_TIMEOUT
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"vllm serve exited with {process.returncode}:\n{log_path.read_text()[-4000:]}")
-            if time.monotonic() > deadline:
-                pytest.fail(f"vllm serve did not start in {STARTUP_TIMEOUT} s:\n{log_path.read_text()[-4000:]}")
-            try:
-                if request(f"{base_url}/health", timeout=5)[0] == 200:
-                    break
-            except OSError:
-                pass
-            time.sleep(2)
+    log_path = tmp_path / "server.log"
+    env = vllm_environment(tmp_path)
+    with running_server(command, f"{base_url}/health", log_path, STARTUP_TIMEOUT, cwd=REPO_ROOT, env=env):
         yield base_url
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=30)
 
 
 def image_part(image) -> dict:
