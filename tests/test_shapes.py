@@ -17,6 +17,7 @@ from tokenpacker import TokenPackerForConditionalGeneration, TokenPackerProcesso
 from tokenpacker.shapes import (
     BACKGROUND,
     COLOURS,
+    OUTLINE,
     GRID,
     IMAGE_SIZE,
     MAX_STEPS,
@@ -66,20 +67,28 @@ def test_scenes_come_in_all_sizes_and_aspect_ratios():
 
 
 @pytest.mark.parametrize("index", range(16))
-def test_the_shape_has_the_scenes_colour_lies_in_its_cell_and_covers_about_one_patch(index):
+def test_the_shape_has_the_scenes_colour_lies_in_its_cell_and_spans_one_to_two_patches(index):
     scene = render_scene("test", index)
     width, height = scene.image.size
     pixels = np.asarray(scene.image)
     drawn = np.argwhere((pixels != BACKGROUND).any(axis=-1))
-    assert np.all(pixels[tuple(drawn.T)] == COLOURS[scene.colour])
     (top, left), (bottom, right) = drawn.min(axis=0), drawn.max(axis=0)
-    # across, in pixels of the 336-pixel square the processor pads and resizes the image to: one 28-pixel patch or so
-    across = (max(bottom - top, right - left) + 1) * IMAGE_SIZE / max(width, height)
-    assert 20 <= across <= 37
-    # the 3x3 grid is over the image itself, not over the padded square
+    across = max(bottom - top, right - left) + 1
+    # the fill has the scene's colour, the outline (a tenth of the size wide) the outline colour, and nothing else
+    filled, outlined = [(pixels[tuple(drawn.T)] == colour).all(axis=-1) for colour in (COLOURS[scene.colour], OUTLINE)]
+    assert np.all(filled | outlined) and filled.sum() > outlined.sum() / 2
+    outline_width = round(0.1 * across)
+    assert np.all(pixels[top : top + outline_width, (left + right) // 2] == OUTLINE)  # the outline at the top
+    assert np.all(pixels[(top + bottom) // 2 + outline_width, (left + right) // 2] == COLOURS[scene.colour])
+    # the 3x3 grid is over the image itself, not over the padded square; the shape is at most 80% of a cell's side
     (row, column), = [(r, c) for r in range(GRID) for c in range(GRID) if POSITIONS[r][c] == scene.position]
     assert row * height / GRID <= top and bottom < (row + 1) * height / GRID
     assert column * width / GRID <= left and right < (column + 1) * width / GRID
+    assert across <= 0.8 * min(width, height) / GRID
+    # in pixels of the 336-pixel square that the processor pads and resizes the image to: 42 to 52 (1.5 to 1.9 patches
+    # of the tower), or 80% of a cell's shorter side where that is smaller
+    in_square = IMAGE_SIZE / max(width, height)
+    assert min(42, 0.8 * min(width, height) / GRID * in_square) - 1 <= across * in_square <= 52 + 1
 
 
 def test_questions_hold_every_kind_with_true_and_balanced_answers():
@@ -157,21 +166,22 @@ def test_the_shipped_model_answers_held_out_scenes_of_every_kind_and_aspect_rati
 
 
 def draw_scene(size: tuple[int, int], colour: str, kind: str, row: int, column: int) -> Image.Image:
-    """A scene drawn here, as a user would: one shape about a twelfth of the longer side across, centred in its cell
-    of a 3x3 grid over the image, on the task's grey."""
+    """A scene drawn here, as a user would: one shape an eighth of the longer side across with a black outline a tenth
+    of that wide, centred in its cell of a 3x3 grid over the image, on the task's mid grey."""
     width, height = size
-    across = max(size) // 12
+    across = max(size) // 8
     centre_x, centre_y = (column + 0.5) * width / 3, (row + 0.5) * height / 3
     box = (centre_x - across / 2, centre_y - across / 2, centre_x + across / 2, centre_y + across / 2)
-    image = Image.new("RGB", size, (224, 224, 224))
+    image = Image.new("RGB", size, (128, 128, 128))
     draw = ImageDraw.Draw(image)
-    fill = {"red": (220, 50, 47), "green": (50, 160, 60), "blue": (40, 90, 220)}[colour]
+    style = {"fill": {"red": (220, 50, 47), "green": (50, 160, 60), "blue": (40, 90, 220)}[colour], "outline": (0, 0, 0)}
+    style["width"] = round(across / 10)
     if kind == "circle":
-        draw.ellipse(box, fill=fill)
+        draw.ellipse(box, **style)
     elif kind == "square":
-        draw.rectangle(box, fill=fill)
+        draw.rectangle(box, **style)
     else:
-        draw.polygon([(centre_x, box[1]), (box[0], box[3]), (box[2], box[3])], fill=fill)
+        draw.polygon([(centre_x, box[1]), (box[0], box[3]), (box[2], box[3])], **style)
     return image
 
 

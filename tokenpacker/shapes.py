@@ -1,8 +1,8 @@
 """Tiny shapes: a synthetic visual question-answering task that needs fine detail, for the demo's small model.
 
 Each scene, 200 to 1000 pixels a side and up to 3:1 either way, holds one small shape (a circle, square or triangle
-about one 28-pixel patch of the tiny model's tower across once the processor has padded and resized the image to
-336x336) on a light grey background. The questions ask for its colour (one of 6), where it is in a 3x3 grid over the
+1.5 to 1.9 of the tiny model's 28-pixel patches across once the processor has padded and resized the image to 336x336)
+with a dark outline on a mid-grey background. The questions ask for its colour (one of 6), where it is in a 3x3 grid over the
 image (one of 9) and its kind (one of 3), yes/no questions on each (half "yes", half "no") and, for any other
 question, a short description ("a red circle, top left"). Every scene comes from its own seed ("train-17",
 "test-3"), so the data are the same on every machine and the held-out scenes never appear in training;
@@ -54,12 +54,20 @@ SIDES = (200, 1000)  # pixels, each side of a scene
 MAX_RATIO = 3.0  # the longer side over the shorter one
 # Aspect-ratio groups by width / height: tall below 3:4, wide above 4:3, square-ish between.
 RATIO_GROUPS = {"tall": (1 / MAX_RATIO, 3 / 4), "square-ish": (3 / 4, 4 / 3), "wide": (4 / 3, MAX_RATIO)}
-BACKGROUND = (224, 224, 224)
-# Across, in pixels of the processor's 336-pixel square: about one 28-pixel patch of the tiny tower (up to 1.3). At
-# most 60% of a grid cell's shorter side, so that in a 3:1 scene (cells of 37 such pixels) the shape keeps clear of
-# the cell's edges.
-SHAPE_SIZES = (24, 36)
-MAX_SHAPE_IN_CELL = 0.6
+# Mid grey, close to the colour that the processor pads images with (CLIP's mean, (122, 116, 104)): on a light
+# background the padded band's edges varied far more from scene to scene than the shape did, and the model never
+# learned to look at the image.
+BACKGROUND = (128, 128, 128)
+# Across, in pixels of the processor's 336-pixel square: 1.5 to 1.9 of the tiny tower's 28-pixel patches. At most 80%
+# of a grid cell's shorter side, so that in a 3:1 scene (cells of 37 such pixels) the shape keeps clear of the cell's
+# edges.
+SHAPE_SIZES = (42, 52)
+MAX_SHAPE_IN_CELL = 0.8
+# Every shape has a dark outline, a tenth of its size wide: the outline's pixels do not depend on the fill colour, so
+# the kind of shape shows in the features of the random tower, which are close to linear in the pixels. Without it the
+# shape's pattern only showed multiplied by its colour, and the model never told the kinds apart.
+OUTLINE = (24, 24, 24)
+OUTLINE_WIDTH = 0.1
 COLOURS = {
     "red": (220, 50, 47),
     "green": (50, 160, 60),
@@ -71,6 +79,8 @@ COLOURS = {
 KINDS = ("circle", "square", "triangle")
 POSITIONS = (("top left", "top", "top right"), ("left", "centre", "right"), ("bottom left", "bottom", "bottom right"))
 QUESTION_KINDS = ("colour", "position", "shape", "yes/no", "description")
+# The open questions on a scene's attributes.
+QUESTIONS = {"colour": "What colour is the shape?", "position": "Where is the shape?", "shape": "What shape is it?"}
 DESCRIBE_QUESTIONS = (
     "What is in this image?",
     "Describe the image.",
@@ -91,7 +101,7 @@ OTHER_WORDS = (
 ).split()
 SPLITS = ("train", "test")
 TRAINING_TURNS = 3  # questions per training scene
-NUM_TRAIN, NUM_TEST = 20000, 1200
+NUM_TRAIN, NUM_TEST = 16000, 1200
 MAX_STEPS = 5000
 TRAINING_THREADS = 1
 
@@ -126,9 +136,9 @@ class Scene:
         if kind is not None and kind not in QUESTION_KINDS:
             raise ValueError(f"kind must be one of {QUESTION_KINDS} or None, got {kind!r}")
         pairs = {
-            "colour": [("What colour is the shape?", self.colour)],
-            "position": [("Where is the shape?", self.position)],
-            "shape": [("What shape is it?", self.kind)],
+            "colour": [(QUESTIONS["colour"], self.colour)],
+            "position": [(QUESTIONS["position"], self.position)],
+            "shape": [(QUESTIONS["shape"], self.kind)],
             "yes/no": [
                 (f"Is the shape {self.colour}?", "yes"),
                 (f"Is the shape {self.absent_colour}?", "no"),
@@ -157,7 +167,7 @@ def render_scene(split: str, index: int) -> Scene:
     """The scene `index` of `split` ("train" or "test"): always the same image and answers.
 
     The image is 200 to 1000 pixels a side, up to 3:1 either way; its shape lies inside one cell of a 3x3 grid over
-    the image, clear of the cell's edges, and is scaled with the image to about one patch of the processed square.
+    the image, clear of the cell's edges, and is scaled with the image to 1.5 to 1.9 patches of the processed square.
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
@@ -176,14 +186,16 @@ def render_scene(split: str, index: int) -> Scene:
     top = round(row * cell_height + rng.uniform(0.25, 0.75) * (cell_height - size))
     right, bottom = left + size - 1, top + size - 1
 
+    outline = max(1, round(OUTLINE_WIDTH * size))
     image = Image.new("RGB", (width, height), BACKGROUND)
     draw = ImageDraw.Draw(image)
     if kind == "circle":
-        draw.ellipse((left, top, right, bottom), fill=COLOURS[colour])
+        draw.ellipse((left, top, right, bottom), fill=COLOURS[colour], outline=OUTLINE, width=outline)
     elif kind == "square":
-        draw.rectangle((left, top, right, bottom), fill=COLOURS[colour])
+        draw.rectangle((left, top, right, bottom), fill=COLOURS[colour], outline=OUTLINE, width=outline)
     else:
-        draw.polygon([((left + right) / 2, top), (left, bottom), (right, bottom)], fill=COLOURS[colour])
+        corners = [((left + right) / 2, top), (left, bottom), (right, bottom)]
+        draw.polygon(corners, fill=COLOURS[colour], outline=OUTLINE, width=outline)
     positions = [name for names in POSITIONS for name in names]
     position = POSITIONS[row][column]
     return Scene(
