@@ -33,6 +33,7 @@ from transformers.utils import is_torch_bf16_gpu_available, is_torch_xla_availab
 
 from .building import build_model_and_processor
 from .configuration.compat_tokenpacker import training_activation_checkpointing_argument
+from .distributed import end_process_group
 from .modeling import TokenPackerForConditionalGeneration
 from .processing import TokenPackerProcessor
 from .remote_code import export_remote_code
@@ -491,15 +492,6 @@ def main(argv: list[str] | None = None):
         sys.exit(f"tokenpacker-train: error: {error}")
     train(model_args, data_args, training_args)
     end_process_group()
-
-
-def end_process_group():
-    """Once every process has saved, takes down the process group of a launch with several processes. Left to the
-    interpreter's exit, gloo's threads could outlive their process group and abort the process ("terminate called
-    without an active exception") after a successful run."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

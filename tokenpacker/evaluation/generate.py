@@ -27,6 +27,7 @@ from tqdm import tqdm
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from ..checks import check_folder
+from ..distributed import end_process_group
 from .questions import SINGLE_PRED_PROMPTS, Question, read_questions
 
 CONV_MODE = "vicuna_v1"
@@ -123,6 +124,7 @@ def generate_command(args: argparse.Namespace) -> int:
     if not pending:
         if state.is_main_process:
             print(f"All {len(questions)} questions of {args.question_file} are answered in {answers.path}")
+        end_process_group()
         return 0
 
     device = _device(args.device) if args.device is not None else state.device
@@ -147,6 +149,7 @@ def generate_command(args: argparse.Namespace) -> int:
         return 130
     if state.is_main_process:
         print(f"Wrote {written} answers to {answers.path} ({len(questions) - len(pending)} were there already)")
+    end_process_group()
     return 0
 
 
