@@ -1,10 +1,10 @@
 """Tiny shapes: a synthetic visual question-answering task that needs fine detail, for the demo's small model.
 
 Each scene, 200 to 1000 pixels a side and up to 3:1 either way, holds one small shape (a circle, square or triangle
-1.5 to 1.9 of the tiny model's 28-pixel patches across once the processor has padded and resized the image to 336x336)
-with a dark outline on a mid-grey background. The questions ask for its colour (one of 6), where it is in a 3x3 grid over the
-image (one of 9) and its kind (one of 3), yes/no questions on each (half "yes", half "no") and, for any other
-question, a short description ("a red circle, top left"). Every scene comes from its own seed ("train-17",
+1.5 to 1.9 of the tiny model's 28-pixel patches across once the processor has padded and resized the image to
+336x336) with a dark outline on a mid-grey background. The questions ask for its colour (one of 6), where it is in a
+3x3 grid over the image (one of 9) and its kind (one of 3), yes/no on its colour and kind (half "yes") and, for
+any other question, a short description ("a red circle, top left"). Every scene comes from its own seed ("train-17",
 "test-3"), so the data are the same on every machine and the held-out scenes never appear in training;
 `render_scene(split, index).questions()` gives a scene's questions with their true answers.
 
@@ -13,11 +13,13 @@ question, a short description ("a red circle, top left"). Every scene comes from
     python -m tokenpacker.shapes train --data-dir runs/shapes --base-dir runs/base --output-dir runs/tiny-shapes
     python -m tokenpacker.shapes evaluate --model runs/tiny-shapes --data-path runs/shapes/test.json
     python -m tokenpacker.shapes ship --model runs/tiny-shapes --force
+    python -m tokenpacker.shapes reproduce --output-dir runs/reproduce
 
-`base` writes the random tower and language model that training starts from, `train` runs `tokenpacker-train` with
-the shipped model's arguments on one thread, `evaluate` scores a trained model on the held-out scenes per question
-kind and aspect ratio, and `ship` copies a trained model into the package (`tokenpacker/pretrained/tiny-shapes`),
-where the demo loads it. docs/training.md has the study.
+`base` writes the tower (pretrained on the scenes' attributes) and the random language model that training starts
+from, `train` runs `tokenpacker-train` with the shipped model's arguments on one thread, `evaluate` scores a trained
+model on the held-out scenes per question kind and aspect ratio, and `ship` copies a trained model into the package
+(`tokenpacker/pretrained/tiny-shapes`), where the demo loads it. `reproduce` runs data, base, train and evaluate in
+one folder and checks that the weights equal the shipped ones byte for byte. docs/training.md has the study.
 """
 
 import argparse
@@ -25,7 +27,11 @@ import json
 import math
 import random
 import shutil
+import sys
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -100,10 +106,28 @@ OTHER_WORDS = (
     "see think know like want help please count number size light dark left right up down inside outside near far"
 ).split()
 SPLITS = ("train", "test")
-TRAINING_TURNS = 3  # questions per training scene
 NUM_TRAIN, NUM_TEST = 16000, 1200
-MAX_STEPS = 5000
+MAX_STEPS = 3000
 TRAINING_THREADS = 1
+# The projector of the shipped model, in `tokenpacker-train`'s flags: 12x12 patches pack 4x4 into 3x3 = 9 tokens.
+PROJECTOR_SETTINGS = {
+    "scale_factor": 4, "vision_feature_layer": -1, "multi_level_feature_layers": [1, 2, 3], "projector_num_heads": 4,
+    "initializer_range": 0.2,
+}  # fmt: skip
+# Pretraining of the random tower in `base`: scenes, steps of `PRETRAINING_BATCH` scenes, learning rate (AdamW).
+PRETRAINING_SCENES, PRETRAINING_STEPS, PRETRAINING_BATCH, PRETRAINING_LR = 4000, 2000, 16, 3e-4
+
+
+@contextmanager
+def training_threads():
+    """Torch on `TRAINING_THREADS` threads inside the block, as many as before after it: the float sums, and so the
+    weights, depend on the thread count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(TRAINING_THREADS)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def ratio_group(width: int, height: int) -> str:
@@ -114,8 +138,8 @@ def ratio_group(width: int, height: int) -> str:
 
 @dataclass(frozen=True)
 class Scene:
-    """One shape on a grey background; `absent_*` are a colour, kind and position it does not have (the "no" answers
-    of its yes/no questions)."""
+    """One shape on a grey background; `absent_*` are a colour and a kind it does not have (the "no" answers of its
+    yes/no questions)."""
 
     image: Image.Image
     colour: str
@@ -123,7 +147,6 @@ class Scene:
     kind: str
     absent_colour: str
     absent_kind: str
-    absent_position: str
 
     @property
     def description(self) -> str:
@@ -132,7 +155,7 @@ class Scene:
 
     def questions(self, kind: str | None = None) -> list[tuple[str, str]]:
         """(question, true answer) pairs of one question kind of `QUESTION_KINDS`, or of all: "yes/no" holds one
-        "yes" and one "no" question each on the colour, the kind and the position (balanced, POPE-style)."""
+        "yes" and one "no" question each on the colour and the kind (balanced, POPE-style)."""
         if kind is not None and kind not in QUESTION_KINDS:
             raise ValueError(f"kind must be one of {QUESTION_KINDS} or None, got {kind!r}")
         pairs = {
@@ -144,8 +167,6 @@ class Scene:
                 (f"Is the shape {self.absent_colour}?", "no"),
                 (f"Is there a {self.kind}?", "yes"),
                 (f"Is there a {self.absent_kind}?", "no"),
-                (f"Is the shape at the {self.position}?", "yes"),
-                (f"Is the shape at the {self.absent_position}?", "no"),
             ],
             "description": [(DESCRIBE_QUESTIONS[0], self.description)],
         }
@@ -196,16 +217,13 @@ def render_scene(split: str, index: int) -> Scene:
     else:
         corners = [((left + right) / 2, top), (left, bottom), (right, bottom)]
         draw.polygon(corners, fill=COLOURS[colour], outline=OUTLINE, width=outline)
-    positions = [name for names in POSITIONS for name in names]
-    position = POSITIONS[row][column]
     return Scene(
         image,
         colour,
-        position,
+        POSITIONS[row][column],
         kind,
         absent_colour=rng.choice([name for name in sorted(COLOURS) if name != colour]),
         absent_kind=rng.choice([name for name in KINDS if name != kind]),
-        absent_position=rng.choice([name for name in positions if name != position]),
     )
 
 
@@ -224,21 +242,24 @@ def other_question(rng: random.Random) -> str:
     return " ".join(words).capitalize() + rng.choice("?.")
 
 
-def training_questions(scene: Scene, rng: random.Random, count: int = TRAINING_TURNS) -> list[tuple[str, str]]:
-    """`count` questions on `scene` for one training conversation, on as many of its colour, kind, position and
-    description, so that no answer but the description's can be read off an earlier one: an open or a yes/no question
-    (yes or no at even odds) on the colour, kind or position; a description or another question, always last."""
-    topics = rng.sample(["colour", "shape", "position", "description"], count)
-    topics.sort(key=lambda topic: topic == "description")
-    yes_no = dict(zip(["colour", "shape", "position"], zip(*[iter(scene.questions("yes/no"))] * 2)))
+def training_questions(scene: Scene, rng: random.Random) -> list[tuple[str, str]]:
+    """One training conversation on `scene`, so that no answer can be read off an earlier one.
+
+    A fifth of the conversations ask one question only: a description question or another question (answered with
+    the description). The others ask on each of the colour, kind and position in random order (on the colour and the
+    kind a yes/no question, yes or no at even odds, two times in three, else the open question), then the description
+    or another question."""
+    last = (rng.choice([rng.choice(DESCRIBE_QUESTIONS), other_question(rng)]), scene.description)
+    if rng.random() < 1 / 5:
+        return [last]
+    yes_no = {"colour": scene.questions("yes/no")[:2], "shape": scene.questions("yes/no")[2:]}
     pairs = []
-    for topic in topics:
-        if topic == "description":
-            question = rng.choice([rng.choice(DESCRIBE_QUESTIONS), other_question(rng)])
-            pairs.append((question, scene.description))
+    for topic in rng.sample(["colour", "shape", "position"], 3):
+        if topic in yes_no and rng.random() < 2 / 3:
+            pairs.append(rng.choice(yes_no[topic]))
         else:
-            pairs.append(rng.choice([scene.questions(topic)[0], rng.choice(yes_no[topic])]))
-    return pairs
+            pairs.append(scene.questions(topic)[0])
+    return [*pairs, last]
 
 
 def test_question(scene: Scene, index: int) -> tuple[str, str, str]:
@@ -250,7 +271,7 @@ def test_question(scene: Scene, index: int) -> tuple[str, str, str]:
 
 
 def write_dataset(output_dir: str | Path, num_train: int, num_test: int) -> Path:
-    """Writes `images/`, `train.json` (`TRAINING_TURNS` questions per scene, `training_questions`) and `test.json`
+    """Writes `images/`, `train.json` (four questions per scene, `training_questions`) and `test.json`
     (one question per scene, `test_question`, with its kind in "question_kind")."""
     output_dir = Path(output_dir)
     (output_dir / "images").mkdir(parents=True, exist_ok=True)
@@ -284,10 +305,10 @@ def train_tokenizer(output_dir: str | Path, vocab_size: int = 512) -> PreTrained
     return fast_tokenizer_from_sentencepiece(model_file, model_max_length=512)
 
 
-def write_base_models(output_dir: str | Path) -> Path:
-    """The from-scratch starting point of the demo's model, in `vision/` and `text/`: a random CLIP-like tower (336
-    pixels, 28-pixel patches: a 12x12 grid, 3 layers of width 64) and a random Llama (3 layers of width 128) with the
-    task's tokenizer."""
+def write_base_models(output_dir: str | Path, pretraining_steps: int = PRETRAINING_STEPS, log=print) -> Path:
+    """The starting point of the demo's model, in `vision/` and `text/`: a CLIP-like tower (336 pixels, 28-pixel
+    patches: a 12x12 grid, 3 layers of width 64) pretrained on the scenes (`pretrain_vision_tower`), and a random Llama
+    (3 layers of width 128) with the task's tokenizer."""
     output_dir = Path(output_dir)
     torch.manual_seed(0)
     tokenizer = train_tokenizer(output_dir / "text")
@@ -310,7 +331,75 @@ def write_base_models(output_dir: str | Path) -> Path:
         hidden_size=64, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4, image_size=IMAGE_SIZE, patch_size=28
     )
     CLIPVisionModel(vision_config).save_pretrained(output_dir / "vision")
+    if pretraining_steps:
+        tower = pretrain_vision_tower(output_dir / "vision", output_dir / "text", pretraining_steps, log=log)
+        tower.save_pretrained(output_dir / "vision")
     return output_dir
+
+
+def attribute_labels(scenes: list[Scene]) -> torch.Tensor:
+    """(scenes, 3) class indices of each scene's colour (sorted names), kind and position (row by row)."""
+    colours, positions = sorted(COLOURS), [name for names in POSITIONS for name in names]
+    return torch.tensor(
+        [(colours.index(scene.colour), KINDS.index(scene.kind), positions.index(scene.position)) for scene in scenes]
+    )
+
+
+def pretrain_vision_tower(
+    vision_dir: str | Path, text_dir: str | Path, steps: int = PRETRAINING_STEPS, log=print
+) -> CLIPVisionModel:
+    """The tower of `vision_dir` trained to tell the scenes' colour, kind and position, as a TokenPacker model of the
+    shipped model's settings with a fresh projector sees them: the 9 packed tokens of an image, flattened, go to one
+    small MLP head per attribute, and tower, projector and heads train together (`PRETRAINING_STEPS` steps of
+    `PRETRAINING_BATCH` of `PRETRAINING_SCENES` training scenes). Only the tower is kept.
+
+    A random tower's features hold the kind of a shape so faintly that the language model, in the time the demo's
+    training has, never learns to tell the kinds apart (see docs/training.md)."""
+    from .building import build_model_and_processor
+
+    torch.manual_seed(0)
+    model, processor = build_model_and_processor(vision_dir, text_dir, **PROJECTOR_SETTINGS)
+    inner = model.model
+
+    def pixels(split: str, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        scenes = [render_scene(split, index) for index in range(count)]
+        images = processor.image_processor(images=[scene.image for scene in scenes], return_tensors="pt")
+        return images["pixel_values"], attribute_labels(scenes)
+
+    def features(pixel_values: torch.Tensor) -> torch.Tensor:
+        return inner.get_image_features(pixel_values=pixel_values).pooler_output.flatten(1)
+
+    train_pixels, train_labels = pixels("train", PRETRAINING_SCENES)
+    vision = model.config.vision_config
+    tokens = (vision.image_size // vision.patch_size // model.config.scale_factor) ** 2  # 9 per image
+    width = tokens * model.config.text_config.hidden_size
+    heads = torch.nn.ModuleList(
+        torch.nn.Sequential(torch.nn.Linear(width, 256), torch.nn.GELU(), torch.nn.Linear(256, classes))
+        for classes in (len(COLOURS), len(KINDS), GRID * GRID)
+    )
+    parameters = [*heads.parameters(), *inner.multi_modal_projector.parameters(), *inner.vision_tower.parameters()]
+    optimizer = torch.optim.AdamW(parameters, lr=PRETRAINING_LR, weight_decay=0)
+    for step in range(steps):
+        batch = torch.randint(0, len(train_pixels), (PRETRAINING_BATCH,))
+        batch_features = features(train_pixels[batch])
+        loss = sum(
+            torch.nn.functional.cross_entropy(head(batch_features), train_labels[batch, attribute])
+            for attribute, head in enumerate(heads)
+        )
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if (step + 1) % 250 == 0 or step + 1 == steps:
+            log(f"tower pretraining: step {step + 1}/{steps}, loss {loss.item():.4f}")
+    test_pixels, test_labels = pixels("test", 300)
+    with torch.no_grad():
+        test_features = torch.cat([features(test_pixels[start : start + 50]) for start in range(0, 300, 50)])
+        scores = [
+            (head(test_features).argmax(-1) == test_labels[:, attribute]).float().mean().item()
+            for attribute, head in enumerate(heads)
+        ]
+    log("tower pretraining, held-out scenes 0-299: colour {:.3f}, kind {:.3f}, position {:.3f}".format(*scores))
+    return inner.vision_tower
 
 
 def training_arguments(data_dir: str | Path, base_dir: str | Path, output_dir: str | Path, max_steps: int) -> list[str]:
@@ -320,7 +409,7 @@ def training_arguments(data_dir: str | Path, base_dir: str | Path, output_dir: s
         "--vision-tower", f"{base_dir}/vision", "--language-model", f"{base_dir}/text", "--scale-factor", "4",
         "--vision-feature-layer", "-1", "--multi-level-feature-layers", "1", "2", "3", "--projector-num-heads", "4",
         "--initializer-range", "0.2", "--data-path", f"{data_dir}/train.json", "--per-device-train-batch-size", "16",
-        "--max-steps", str(max_steps), "--learning-rate", "2e-3", "--lr-scheduler-type", "cosine",
+        "--max-steps", str(max_steps), "--learning-rate", "3e-4", "--lr-scheduler-type", "cosine",
         "--warmup-steps", "100", "--weight-decay", "0", "--logging-steps", "100", "--save-strategy", "no",
         "--dataloader-num-workers", "1", "--use-cpu", "--seed", "0", "--report-to", "none",
         "--output-dir", str(output_dir),
@@ -369,6 +458,43 @@ def evaluate(model, processor, data_path: str | Path, batch_size: int = 32, max_
     return accuracy_table(results)
 
 
+def reproduce(
+    output_dir: str | Path,
+    num_train: int = NUM_TRAIN,
+    num_test: int = NUM_TEST,
+    pretraining_steps: int = PRETRAINING_STEPS,
+    max_steps: int = MAX_STEPS,
+    log=print,
+) -> dict:
+    """`data`, `base` and `train` into `output_dir`/shapes, /base and /tiny-shapes (a new or empty folder), then
+    `evaluate` on the held-out scenes. Returns the accuracy table and, with the shipped model's settings (the
+    defaults), whether the trained weights equal the shipped ones byte for byte under "identical to shipped"."""
+    output_dir = Path(output_dir)
+    if output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())):
+        raise FileExistsError(f"{output_dir} exists and is not an empty folder: reproduce writes a new one")
+    from .modeling import TokenPackerForConditionalGeneration
+    from .processing import TokenPackerProcessor
+    from .training import main as train_main
+
+    started = time.monotonic()
+    data_dir, base_dir, model_dir = output_dir / "shapes", output_dir / "base", output_dir / "tiny-shapes"
+    write_dataset(data_dir, num_train, num_test)
+    log(f"data: {num_train} training and {num_test} test scenes in {data_dir}")
+    arguments = training_arguments(data_dir, base_dir, model_dir, max_steps)
+    with training_threads():
+        write_base_models(base_dir, pretraining_steps, log=log)
+        log(f"tokenpacker-train {' '.join(arguments)}  (on {TRAINING_THREADS} threads)")
+        train_main(arguments)
+    log(f"data, base and train took {time.monotonic() - started:.0f} s")
+    model = TokenPackerForConditionalGeneration.from_pretrained(model_dir)
+    results = evaluate(model, TokenPackerProcessor.from_pretrained(model_dir), data_dir / "test.json")
+    shipped_settings = (num_train, pretraining_steps, max_steps) == (NUM_TRAIN, PRETRAINING_STEPS, MAX_STEPS)
+    if shipped_settings:
+        weights = [(folder / "model.safetensors").read_bytes() for folder in (model_dir, PRETRAINED)]
+        results["identical to shipped"] = weights[0] == weights[1]
+    return results
+
+
 def without_auto_map(settings: dict) -> dict:
     """`settings` without its `auto_map` entries, at the top level and in nested sections."""
     return {
@@ -407,13 +533,29 @@ def main(argv: list[str] | None = None):
     data.add_argument("--output-dir", "--output_dir", dest="output_dir", required=True)
     data.add_argument("--num-train", "--num_train", dest="num_train", type=int, default=NUM_TRAIN)
     data.add_argument("--num-test", "--num_test", dest="num_test", type=int, default=NUM_TEST)
-    base = commands.add_parser("base", help="write the random tower and language model that training starts from")
+    base = commands.add_parser(
+        "base", help="write the pretrained tower and the random language model that training starts from"
+    )
     base.add_argument("--output-dir", "--output_dir", dest="output_dir", required=True)
+    base.add_argument(
+        "--pretraining-steps", "--pretraining_steps", dest="pretraining_steps", type=int, default=PRETRAINING_STEPS,
+        help=f"steps of the tower's pretraining (default {PRETRAINING_STEPS}; 0 keeps the random tower)",
+    )
     trained = commands.add_parser("train", help=f"train the model with tokenpacker-train on {TRAINING_THREADS} threads")
     trained.add_argument("--data-dir", "--data_dir", dest="data_dir", required=True, help="the folder of `data`")
     trained.add_argument("--base-dir", "--base_dir", dest="base_dir", required=True, help="the folder of `base`")
     trained.add_argument("--output-dir", "--output_dir", dest="output_dir", required=True)
     trained.add_argument("--max-steps", "--max_steps", dest="max_steps", type=int, default=MAX_STEPS)
+    again = commands.add_parser(
+        "reproduce", help="data, base, train and evaluate into one folder; compare the weights with the shipped ones"
+    )
+    again.add_argument("--output-dir", "--output_dir", dest="output_dir", required=True, help="a new or empty folder")
+    again.add_argument("--num-train", "--num_train", dest="num_train", type=int, default=NUM_TRAIN)
+    again.add_argument("--num-test", "--num_test", dest="num_test", type=int, default=NUM_TEST)
+    again.add_argument(
+        "--pretraining-steps", "--pretraining_steps", dest="pretraining_steps", type=int, default=PRETRAINING_STEPS
+    )
+    again.add_argument("--max-steps", "--max_steps", dest="max_steps", type=int, default=MAX_STEPS)
     scores = commands.add_parser("evaluate", help="accuracy of a trained model on held-out scenes")
     scores.add_argument("--model", required=True, help="a TokenPacker folder")
     scores.add_argument("--data-path", "--data_path", dest="data_path", required=True, help="test.json of `data`")
@@ -438,9 +580,32 @@ def main(argv: list[str] | None = None):
             f"{args.num_train + args.num_test} images in {folder / 'images'}, {folder / 'train.json'} "
             f"({args.num_train} conversations), {folder / 'test.json'} ({args.num_test} questions)"
         )
+    elif args.command == "reproduce":
+        if args.max_steps < 1 or args.pretraining_steps < 0 or args.num_train < 1 or args.num_test < 1:
+            parser.error("--max-steps, --num-train and --num-test must be positive, --pretraining-steps not negative")
+        try:
+            results = reproduce(
+                args.output_dir, args.num_train, args.num_test, args.pretraining_steps, args.max_steps,
+                log=partial(print, flush=True),
+            )
+        except FileExistsError as error:
+            parser.error(str(error))
+        identical = results.pop("identical to shipped", None)
+        print(json.dumps(results, indent=1))
+        if identical is None:
+            print("Not the shipped model's settings: the weights are not compared with the shipped ones.")
+        else:
+            model_file = Path(args.output_dir) / "tiny-shapes" / "model.safetensors"
+            verdict = "byte for byte the same as" if identical else "different from"
+            print(f"{model_file} is {verdict} {PRETRAINED / 'model.safetensors'}")
+            if not identical:
+                sys.exit(1)
     elif args.command == "base":
-        folder = write_base_models(args.output_dir)
-        print(f"Wrote the vision tower to {folder / 'vision'} and the language model and tokenizer to {folder / 'text'}")
+        if args.pretraining_steps < 0:
+            parser.error(f"--pretraining-steps must be a non-negative integer, got {args.pretraining_steps}")
+        with training_threads():
+            folder = write_base_models(args.output_dir, args.pretraining_steps, log=partial(print, flush=True))
+        print(f"Wrote the vision tower to {folder / 'vision'}, the language model and tokenizer to {folder / 'text'}")
     elif args.command == "train":
         from .training import main as train_main
 
@@ -448,8 +613,8 @@ def main(argv: list[str] | None = None):
             parser.error(f"--max-steps must be a positive integer, got {args.max_steps}")
         arguments = training_arguments(args.data_dir, args.base_dir, args.output_dir, args.max_steps)
         print(f"tokenpacker-train {' '.join(arguments)}  (on {TRAINING_THREADS} threads)", flush=True)
-        torch.set_num_threads(TRAINING_THREADS)  # the float sums, and so the weights, depend on the thread count
-        train_main(arguments)
+        with training_threads():
+            train_main(arguments)
     else:
         from .modeling import TokenPackerForConditionalGeneration
         from .processing import TokenPackerProcessor
