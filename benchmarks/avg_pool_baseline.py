@@ -11,9 +11,9 @@ The baseline is trained in memory and not saved (its projector is not a TokenPac
 written to `<output_dir>/accuracy.json`.
 
 Beside them, a linear probe tells whether the pooled features still hold the answers: a logistic regression (on the
-features standardized over the probe's training scenes) of the colour and the position from the frozen tower's
-features averaged as the baseline averages them, fitted on the training scenes train-0... and scored on the held-out
-scenes test-0... (`--probe-train`, `--probe-test`; 0 skips the probe).
+features standardized over the probe's training scenes) of the colour, the shape and the position from the frozen
+tower's features averaged as the baseline averages them, fitted on the training scenes train-0... and scored on the
+held-out scenes test-0... (`--probe-train`, `--probe-test`; 0 skips the probe).
 """
 
 import json
@@ -28,7 +28,7 @@ from transformers import set_seed
 
 from tokenpacker import TokenPackerForConditionalGeneration, TokenPackerProcessor
 from tokenpacker.modeling.modeling_tokenpacker import TokenPackerMLP
-from tokenpacker.shapes import COLOURS, POSITIONS, evaluate, render_scene
+from tokenpacker.shapes import COLOURS, KINDS, POSITIONS, evaluate, render_scene
 from tokenpacker.training import (
     DataArguments,
     ModelArguments,
@@ -67,6 +67,11 @@ class BenchmarkArguments:
     probe_test: int = field(default=600, metadata={"help": "Held-out scenes the linear probe is scored on."})
 
 
+def probe_classes() -> dict[str, list[str]]:
+    """The answers the probe tells apart, per question kind."""
+    return {"colour": sorted(COLOURS), "shape": list(KINDS), "position": [name for row in POSITIONS for name in row]}
+
+
 @torch.no_grad()
 def pooled_features(model, processor, split: str, count: int, batch_size: int = 100) -> tuple[torch.Tensor, dict]:
     """The average-pooled tower features of scenes 0..count-1 of `split`, flattened per scene, and their answers."""
@@ -74,15 +79,16 @@ def pooled_features(model, processor, split: str, count: int, batch_size: int = 
     hook = model.model.multi_modal_projector.output_proj.register_forward_hook(
         lambda module, inputs, output: captured.append(inputs[0].flatten(1))
     )
-    answers = {"colour": [], "position": []}
-    positions = [name for row in POSITIONS for name in row]
+    classes = probe_classes()
+    answers = {name: [] for name in classes}
     try:
         for start in range(0, count, batch_size):
             scenes = [render_scene(split, index) for index in range(start, min(count, start + batch_size))]
             pixel_values = processor.image_processor([scene.image for scene in scenes], return_tensors="pt")["pixel_values"]
             model.model.get_image_features(pixel_values.to(model.device))
-            answers["colour"] += [sorted(COLOURS).index(scene.colour) for scene in scenes]
-            answers["position"] += [positions.index(scene.position) for scene in scenes]
+            answers["colour"] += [classes["colour"].index(scene.colour) for scene in scenes]
+            answers["shape"] += [classes["shape"].index(scene.kind) for scene in scenes]
+            answers["position"] += [classes["position"].index(scene.position) for scene in scenes]
     finally:
         hook.remove()
     return torch.cat(captured).float().cpu(), {name: torch.tensor(labels) for name, labels in answers.items()}
@@ -96,7 +102,7 @@ def linear_probe(model, processor, num_train: int, num_test: int) -> dict[str, f
     train_features, test_features = (train_features - mean) / std, (test_features - mean) / std
     accuracy = {}
     for name, labels in train_answers.items():
-        classes = len(COLOURS) if name == "colour" else sum(map(len, POSITIONS))
+        classes = len(probe_classes()[name])
         weight = torch.zeros(train_features.shape[1], classes, requires_grad=True)
         bias = torch.zeros(classes, requires_grad=True)
         optimizer = torch.optim.LBFGS([weight, bias], max_iter=300)

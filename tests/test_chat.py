@@ -67,7 +67,7 @@ def test_from_a_pipe_one_answer_line_per_question(scenes, position_answer):
         "Image: held-out tiny-shapes scene 0 (--image FILE_OR_URL for another)",
         f"Model: tiny-shapes (shipped) ('pad', float32 on {'cuda:0' if torch.cuda.is_available() else 'cpu'})",
         "Visual tokens: 9 for the image; LLaVA-1.5 uses 576 for one 336x336 crop",
-        f"Image: {path}, 336x336",
+        f"Image: {path}, {second.image.width}x{second.image.height}",
         "Visual tokens: 9 for the image; LLaVA-1.5 uses 576 for one 336x336 crop",
         "Conversation reset; the image stays.",
     ]
@@ -168,7 +168,8 @@ def test_in_a_terminal_prompts_streams_switches_images_resets_and_quits_on_ctrl_
     chat.type("/image no-such-file.png\n")
     assert "error: image file 'no-such-file.png' does not exist" in chat.read_until(r"USER: ")  # and it goes on
     chat.type(f"/image '{path}'\n")
-    assert f"Image: {path}, 336x336\nVisual tokens: 9 for the image" in chat.read_until(r"USER: ")
+    size = f"{second.image.width}x{second.image.height}"
+    assert f"Image: {path}, {size}\nVisual tokens: 9 for the image" in chat.read_until(r"USER: ")
     chat.type(COLOUR + "\n")
     assert f"ASSISTANT: {second.colour}\n" in chat.read_until(r"USER: ")
     chat.type("/reset\n")

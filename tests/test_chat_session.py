@@ -66,7 +66,7 @@ def test_two_turns_stream_generates_greedy_answers_and_render_the_original_histo
     spy = GenerateSpy(monkeypatch, model)
     scene = render_scene("test", 7)
     info = session.set_image(scene.image)
-    assert (info.size, info.num_crops, info.grid, info.num_visual_tokens) == ((336, 336), 1, None, 9)
+    assert (info.size, info.num_crops, info.grid, info.num_visual_tokens) == (scene.image.size, 1, None, 9)
 
     first = list(session.ask(COLOUR))
     second = list(session.ask(POSITION))

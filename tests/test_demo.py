@@ -54,15 +54,16 @@ def test_an_unrelated_output_folder_is_refused(tmp_path, capsys):
 
 
 def test_the_default_demo_answers_a_held_out_scene_with_the_trained_model(capsys):
-    from tokenpacker.shapes import QUESTIONS, render_scene
+    from tokenpacker.shapes import QUESTION_KINDS, render_scene
 
-    assert main(["--scene", "5", "--max-new-tokens", "4"]) == 0
+    assert main(["--scene", "5", "--max-new-tokens", "8"]) == 0
     out = capsys.readouterr().out
     scene = render_scene("test", 5)
-    assert scene.colour == "orange"
-    assert f"held-out tiny-shapes scene 5: an orange {scene.kind}, {scene.position}" in out
-    for attribute, question in QUESTIONS.items():
-        truth = getattr(scene, attribute)
+    width, height = scene.image.size
+    assert width != height
+    assert f"held-out tiny-shapes scene 5 ({width}x{height}): {scene.description}" in out
+    for kind in QUESTION_KINDS:
+        question, truth = scene.questions(kind)[0]
         assert f"Question: {question}\nAnswer: {truth} (true answer: {truth})" in out
     assert "Visual tokens: 9 for the image (each packs a 4x4 region of the 12x12 patch grid)" in out
 

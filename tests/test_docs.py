@@ -77,6 +77,12 @@ REPLACEMENTS = [
     ("--bf16", "--bf16 --use-cpu"),
     ("--config_file tokenpacker/configs/", "--config_file {configs}/"),
     ("shapes data --output-dir runs/shapes", "shapes data --output-dir runs/shapes --num-train 16 --num-test 6"),
+    ("--base-dir runs/base --output-dir runs/tiny-shapes", "--base-dir runs/base --output-dir runs/tiny-shapes --max-steps 2"),
+    ("shapes base --output-dir runs/base", "shapes base --output-dir runs/base --pretraining-steps 2"),
+    (
+        "reproduce --output-dir runs/reproduce",
+        "reproduce --output-dir runs/reproduce --num-train 16 --num-test 6 --pretraining-steps 2 --max-steps 2",
+    ),
     ("--max-steps 3000", "--max-steps 2"),
     ("--tokenpacker-model runs/tiny-shapes", "--tokenpacker-model runs/tiny-shapes --probe-train 12 --probe-test 6"),
     ("ship --model runs/tiny-shapes --force", "ship --model runs/tiny-shapes --output-dir runs/shipped"),

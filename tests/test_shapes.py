@@ -1,53 +1,166 @@
-"""The tiny-shapes task: deterministic scenes, the shipped model's held-out accuracy, and `ship`."""
+"""The tiny-shapes task: deterministic scenes of many sizes, their questions, the shipped model's held-out accuracy
+(per question kind and aspect ratio), its short answers to any question, and `ship`."""
 
 import json
+import random
+import shlex
 import shutil
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image, ImageDraw
 
 from tokenpacker import TokenPackerForConditionalGeneration, TokenPackerProcessor, export_remote_code
 from tokenpacker.shapes import (
     BACKGROUND,
     COLOURS,
+    OUTLINE,
     GRID,
     IMAGE_SIZE,
+    MAX_STEPS,
     POSITIONS,
     PRETRAINED,
-    QUESTIONS,
+    QUESTION_KINDS,
+    RATIO_GROUPS,
     SHIPPED_FILES,
     evaluate,
     main,
+    ratio_group,
     render_scene,
     ship,
+    training_arguments,
+    training_questions,
+    write_base_models,
     write_dataset,
 )
+import tokenpacker.shapes as shapes
 
 HELD_OUT_SCENES = 60
+OUT_OF_TASK_QUESTIONS = (  # none of them is asked in training
+    "How many shapes are there?",
+    "What is the capital of France?",
+    "Write a long story about a dragon who lives in the mountains.",
+    "hello",
+    "Can you explain quantum physics to me in detail, please?",
+    "Is it going to rain tomorrow?",
+    "Translate 'good morning' into German.",
+    "12 + 30 = ?",
+)
 
 
 def test_scenes_are_the_same_on_every_call_and_differ_between_splits():
     first, again, train = render_scene("test", 7), render_scene("test", 7), render_scene("train", 7)
     assert np.array_equal(np.asarray(first.image), np.asarray(again.image))
-    assert (first.colour, first.position, first.kind) == (again.colour, again.position, again.kind)
-    assert not np.array_equal(np.asarray(first.image), np.asarray(train.image))
+    assert first.questions() == again.questions()
+    assert first.image.size != train.image.size or not np.array_equal(np.asarray(first.image), np.asarray(train.image))
 
 
-@pytest.mark.parametrize("index", range(12))
-def test_the_shape_has_the_scenes_colour_and_lies_in_its_cell(index):
+def test_scenes_come_in_all_sizes_and_aspect_ratios():
+    sizes = [render_scene("train", index).image.size for index in range(300)]
+    assert all(200 <= side <= 1000 for size in sizes for side in size)
+    ratios = [width / height for width, height in sizes]
+    assert 1 / 3 - 0.01 <= min(ratios) < 0.4 and 2.5 < max(ratios) <= 3 + 0.01
+    groups = Counter(ratio_group(*size) for size in sizes)
+    assert set(groups) == set(RATIO_GROUPS) and min(groups.values()) >= 80  # about a third each
+    assert sum(width == height for width, height in sizes) >= 20  # some exactly square
+
+
+@pytest.mark.parametrize("index", range(16))
+def test_the_shape_has_the_scenes_colour_lies_in_its_cell_and_spans_one_to_two_patches(index):
     scene = render_scene("test", index)
+    width, height = scene.image.size
     pixels = np.asarray(scene.image)
-    assert scene.image.size == (IMAGE_SIZE, IMAGE_SIZE)
     drawn = np.argwhere((pixels != BACKGROUND).any(axis=-1))
-    assert np.all(pixels[tuple(drawn.T)] == COLOURS[scene.colour])
     (top, left), (bottom, right) = drawn.min(axis=0), drawn.max(axis=0)
-    assert 20 <= max(bottom - top, right - left) + 1 <= 36  # 20 to 36 pixels across
-    cell = IMAGE_SIZE // GRID
+    across = max(bottom - top, right - left) + 1
+    # the fill has the scene's colour, the outline (a tenth of the size wide) the outline colour, and nothing else
+    filled, outlined = [(pixels[tuple(drawn.T)] == colour).all(axis=-1) for colour in (COLOURS[scene.colour], OUTLINE)]
+    assert np.all(filled | outlined) and filled.sum() > outlined.sum() / 2
+    outline_width = round(0.1 * across)
+    assert np.all(pixels[top : top + outline_width, (left + right) // 2] == OUTLINE)  # the outline at the top
+    assert np.all(pixels[(top + bottom) // 2 + outline_width, (left + right) // 2] == COLOURS[scene.colour])
+    # the 3x3 grid is over the image itself, not over the padded square; the shape is at most 80% of a cell's side
     (row, column), = [(r, c) for r in range(GRID) for c in range(GRID) if POSITIONS[r][c] == scene.position]
-    assert row * cell <= top and bottom < (row + 1) * cell
-    assert column * cell <= left and right < (column + 1) * cell
+    assert row * height / GRID <= top and bottom < (row + 1) * height / GRID
+    assert column * width / GRID <= left and right < (column + 1) * width / GRID
+    assert across <= 0.8 * min(width, height) / GRID
+    # in pixels of the 336-pixel square that the processor pads and resizes the image to: 42 to 52 (1.5 to 1.9 patches
+    # of the tower), or 80% of a cell's shorter side where that is smaller
+    in_square = IMAGE_SIZE / max(width, height)
+    assert min(42, 0.8 * min(width, height) / GRID * in_square) - 1 <= across * in_square <= 52 + 1
+
+
+def test_questions_hold_every_kind_with_true_and_balanced_answers():
+    scene = render_scene("test", 4)
+    described = f"{'an' if scene.colour[0] in 'aeiou' else 'a'} {scene.colour} {scene.kind}, {scene.position}"
+    assert scene.questions("colour") == [("What colour is the shape?", scene.colour)]
+    assert scene.questions("position") == [("Where is the shape?", scene.position)]
+    assert scene.questions("shape") == [("What shape is it?", scene.kind)]
+    assert scene.questions("description") == [("What is in this image?", described)]
+    yes_no = dict(scene.questions("yes/no"))
+    assert [yes_no[f"Is the shape {scene.colour}?"], yes_no[f"Is there a {scene.kind}?"]] == ["yes", "yes"]
+    assert [yes_no[f"Is the shape {scene.absent_colour}?"], yes_no[f"Is there a {scene.absent_kind}?"]] == ["no", "no"]
+    assert scene.absent_colour != scene.colour and scene.absent_kind != scene.kind and len(yes_no) == 4
+    assert len(scene.questions()) == sum(len(scene.questions(kind)) for kind in QUESTION_KINDS)
+    with pytest.raises(ValueError, match="kind must be one of"):
+        scene.questions("size")
+
+
+def test_training_asks_yes_no_questions_with_even_odds_per_question_type():
+    counts = Counter()
+    for index in range(900):
+        for question, answer in training_questions(render_scene("train", index), random.Random(index)):
+            if answer in ("yes", "no"):
+                counts["kind" if question.startswith("Is there") else "colour", answer] += 1
+    for question_type in ("colour", "kind"):
+        yes, no = counts[question_type, "yes"], counts[question_type, "no"]
+        assert yes + no > 200 and 0.43 < yes / (yes + no) < 0.57, (question_type, yes, no)
+
+
+def test_training_conversations_ask_on_every_attribute_once_then_for_the_description():
+    """A fifth of the conversations are one description (or other) question; the others ask on the colour, kind and
+    position once each (on the colour and kind yes/no two times in three), then for the description. Every answer is
+    true."""
+    lengths, asked = Counter(), Counter()
+    for index in range(600):
+        scene = render_scene("train", index)
+        pairs = training_questions(scene, random.Random(index))
+        lengths[len(pairs)] += 1
+        assert pairs[-1][1] == scene.description and all(answer != scene.description for _, answer in pairs[:-1])
+        topics = []
+        for question, answer in pairs[:-1]:
+            if (question, answer) in scene.questions("yes/no"):
+                topics.append("shape" if question.startswith("Is there") else "colour")
+                asked["yes/no"] += 1
+            else:
+                topics.append(next(kind for kind in ("colour", "shape", "position") if scene.questions(kind) == [(question, answer)]))
+                asked["open", topics[-1]] += 1
+        assert sorted(topics) in ([], ["colour", "position", "shape"]), pairs
+    assert set(lengths) == {1, 4} and 0.15 < lengths[1] / 600 < 0.25, lengths
+    on_colour_and_kind = asked["yes/no"] + asked["open", "colour"] + asked["open", "shape"]
+    assert 0.6 < asked["yes/no"] / on_colour_and_kind < 0.73, asked
+
+
+def test_base_pretrains_the_tower_reproducibly(tmp_path, monkeypatch, capsys):
+    """`base` trains the random tower on the scenes' attributes: the same bytes on every run, and not the random
+    tower's. (A short run on 64 scenes here; the shipped model's pretraining is in docs/training.md.)"""
+    monkeypatch.setattr(shapes, "PRETRAINING_SCENES", 64)
+    folders = {name: tmp_path / name for name in ("random", "first", "second")}
+    write_base_models(folders["random"], pretraining_steps=0)
+    for name in ("first", "second"):
+        main(["base", "--output-dir", str(folders[name]), "--pretraining-steps", "20"])
+    out = capsys.readouterr().out
+    assert "tower pretraining: step 20/20, loss " in out and "tower pretraining, held-out scenes 0-299: colour" in out
+    weights = {name: (folder / "vision" / "model.safetensors").read_bytes() for name, folder in folders.items()}
+    assert weights["first"] == weights["second"] != weights["random"]
+    for name in ("model.safetensors", "tokenizer.json"):
+        assert (folders["first"] / "text" / name).read_bytes() == (folders["random"] / "text" / name).read_bytes()
+    with pytest.raises(SystemExit):
+        main(["base", "--output-dir", str(tmp_path / "bad"), "--pretraining-steps", "-1"])
+    assert "--pretraining-steps must be a non-negative integer, got -1" in capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")
@@ -55,36 +168,113 @@ def shipped():
     return TokenPackerForConditionalGeneration.from_pretrained(PRETRAINED), TokenPackerProcessor.from_pretrained(PRETRAINED)
 
 
-def test_the_shipped_model_answers_held_out_scenes_in_batches(shipped, tmp_path):
-    """Both questions on the first 60 held-out scenes, asked in left-padded batches and checked against the scenes."""
+def greedy(shipped, images: list[Image.Image], questions: list[str], max_new_tokens: int = 8, batch_size: int = 24):
+    """(answer, ids generated up to and with the end of sequence, or all when it never came) per question, asked in
+    left-padded batches through the chat template."""
     model, processor = shipped
-    scenes = [render_scene("test", index) for index in range(HELD_OUT_SCENES)]
-    asked = [(scene, attribute, question) for scene in scenes for attribute, question in QUESTIONS.items()]
-    right = 0
-    for start in range(0, len(asked), 24):
-        batch = asked[start : start + 24]
+    results = []
+    for start in range(0, len(questions), batch_size):
         prompts = [
             processor.apply_chat_template(
                 [{"role": "user", "content": f"<image>\n{question}"}], add_generation_prompt=True, tokenize=False
             )
-            for _, _, question in batch
+            for question in questions[start : start + batch_size]
         ]
-        inputs = processor(images=[scene.image for scene, _, _ in batch], text=prompts)
+        inputs = processor(images=images[start : start + batch_size], text=prompts)
         with torch.no_grad():
-            generated = model.generate(**inputs, max_new_tokens=4, do_sample=False)
-        answers = processor.post_process_image_text_to_text(generated[:, inputs["input_ids"].shape[1] :])
-        right += sum(answer == getattr(scene, attribute) for answer, (scene, attribute, _) in zip(answers, batch))
-    assert right / len(asked) >= 0.97, f"{right} of {len(asked)} held-out answers right"
+            generated = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+        new_ids = generated[:, inputs["input_ids"].shape[1] :].tolist()
+        for ids, answer in zip(new_ids, processor.post_process_image_text_to_text(generated[:, inputs["input_ids"].shape[1] :])):
+            eos = processor.tokenizer.eos_token_id
+            results.append((answer, ids[: ids.index(eos) + 1] if eos in ids else ids))
+    return results
 
-    # `evaluate` (the README's accuracy) scores the test.json of `data` the same way: one question per scene.
-    write_dataset(tmp_path, num_train=0, num_test=HELD_OUT_SCENES)
+
+def test_the_shipped_model_answers_held_out_scenes_of_every_kind_and_aspect_ratio(shipped):
+    """Three questions on each of the first 60 held-out scenes, the kinds in turn, checked against the scenes."""
+    scenes = [render_scene("test", index) for index in range(HELD_OUT_SCENES)]
+    asked = []
+    for index, scene in enumerate(scenes):
+        for turn in range(3):
+            pairs = scene.questions(QUESTION_KINDS[(3 * index + turn) % len(QUESTION_KINDS)])
+            asked.append((scene, *pairs[index % len(pairs)]))
+    answers = greedy(shipped, [scene.image for scene, _, _ in asked], [question for _, question, _ in asked])
+    right = Counter()
+    for (scene, question, truth), (answer, _) in zip(asked, answers):
+        kind = next(kind for kind in QUESTION_KINDS if (question, truth) in scene.questions(kind))
+        for name in (kind, ratio_group(*scene.image.size)):
+            right[name, answer == truth] += 1
+    # docs/training.md: on all 1,200 held-out scenes 96-100 % on the open questions, 92 % on the description, 86 % on
+    # yes/no, 92-97 % per aspect ratio
+    least = {"yes/no": 0.75, "description": 0.85, **dict.fromkeys(RATIO_GROUPS, 0.85)}
+    for name in (*QUESTION_KINDS, *RATIO_GROUPS):
+        hits, total = right[name, True], right[name, True] + right[name, False]
+        assert total >= 20 and hits / total >= least.get(name, 0.9), f"{name}: {hits} of {total} held-out answers right"
+
+
+def draw_scene(size: tuple[int, int], colour: str, kind: str, row: int, column: int) -> Image.Image:
+    """A scene drawn here, as a user would: one shape an eighth of the longer side across with a black outline a tenth
+    of that wide, centred in its cell of a 3x3 grid over the image, on the task's mid grey."""
+    width, height = size
+    across = max(size) // 8
+    centre_x, centre_y = (column + 0.5) * width / 3, (row + 0.5) * height / 3
+    box = (centre_x - across / 2, centre_y - across / 2, centre_x + across / 2, centre_y + across / 2)
+    image = Image.new("RGB", size, (128, 128, 128))
+    draw = ImageDraw.Draw(image)
+    style = {"fill": {"red": (220, 50, 47), "green": (50, 160, 60), "blue": (40, 90, 220)}[colour], "outline": (0, 0, 0)}
+    style["width"] = round(across / 10)
+    if kind == "circle":
+        draw.ellipse(box, **style)
+    elif kind == "square":
+        draw.rectangle(box, **style)
+    else:
+        draw.polygon([(centre_x, box[1]), (box[0], box[3]), (box[2], box[3])], **style)
+    return image
+
+
+@pytest.mark.parametrize("size", [(400, 300), (300, 400)])
+def test_the_shipped_model_answers_non_square_scenes_drawn_elsewhere(shipped, size):
+    """Before the model trained on scenes of every aspect ratio, 400x300 scenes (padded with the CLIP mean colour by
+    the processor) got 17% of their colours and 13% of their positions right. The shipped model gets every colour
+    and position right and 7 of the 9 kinds, in either orientation."""
+    names = [name for row in POSITIONS for name in row]
+    images, questions, truths = [], [], []
+    for cell, position in enumerate(names):
+        colour, kind = ("red", "green", "blue")[cell % 3], ("circle", "square", "triangle")[cell // 3]
+        image = draw_scene(size, colour, kind, cell // GRID, cell % GRID)
+        for question, truth in (
+            ("What colour is the shape?", colour), ("Where is the shape?", position), ("What shape is it?", kind)
+        ):
+            images.append(image), questions.append(question), truths.append(truth)
+    answers = [answer for answer, _ in greedy(shipped, images, questions)]
+    wrong = [(question, truth, answer) for question, truth, answer in zip(questions, truths, answers) if answer != truth]
+    assert len(wrong) <= 2 and all(question == "What shape is it?" for question, _, _ in wrong), wrong
+
+
+def test_every_answer_ends_within_eight_tokens_even_out_of_the_task(shipped):
+    scenes = [render_scene("test", index) for index in range(3)]
+    asked = [(scene, question) for scene in scenes for question in OUT_OF_TASK_QUESTIONS]
+    results = greedy(shipped, [scene.image for scene, _ in asked], [question for _, question in asked], max_new_tokens=12)
+    eos = shipped[1].tokenizer.eos_token_id
+    for (scene, question), (answer, ids) in zip(asked, results):
+        assert ids[-1] == eos and len(ids) <= 8, (question, answer, ids)
+    # "What is in this image?" and its kind get the scene's short description
+    descriptions = greedy(shipped, [scene.image for scene in scenes], ["Describe the image."] * 3)
+    assert [answer for answer, _ in descriptions] == [scene.questions("description")[0][1] for scene in scenes]
+
+
+def test_evaluate_scores_each_question_kind_and_aspect_ratio(shipped, tmp_path):
+    model, processor = shipped
+    write_dataset(tmp_path, num_train=0, num_test=30)
     records = json.loads((tmp_path / "test.json").read_text())
-    assert [record["conversations"][1]["value"] for record in records] == [
-        getattr(scenes[index], ("colour", "position")[index % 2]) for index in range(HELD_OUT_SCENES)
-    ]
+    assert [record["question_kind"] for record in records[:5]] == list(QUESTION_KINDS)
+    for index, record in enumerate(records):
+        question = record["conversations"][0]["value"].removeprefix("<image>\n")
+        assert (question, record["conversations"][1]["value"]) in render_scene("test", index).questions(record["question_kind"])
     accuracy = evaluate(model, processor, tmp_path / "test.json", batch_size=16)
-    assert set(accuracy) == {*QUESTIONS.values(), "all"}
-    assert accuracy["all"] >= 0.97
+    assert list(accuracy["question kind"]) == list(QUESTION_KINDS)
+    assert set(accuracy["aspect ratio"]) == set(RATIO_GROUPS)
+    assert accuracy["all"] >= 0.9
 
 
 def test_the_shipped_folder_holds_weights_and_settings_only():
@@ -93,8 +283,6 @@ def test_the_shipped_folder_holds_weights_and_settings_only():
         if name.endswith(".json"):
             assert "auto_map" not in (PRETRAINED / name).read_text(), name
     assert (PRETRAINED / "model.safetensors").stat().st_size < 8 * 2**20
-
-
 @pytest.fixture
 def trained_folder(tmp_path, shipped):
     """A folder as tokenpacker-train leaves it: weights, processor, the exported remote code and a pickle."""
@@ -186,3 +374,55 @@ def test_data_writes_both_splits_and_says_what_it_wrote(tmp_path, capsys):
     records = {split: json.loads((tmp_path / f"{split}.json").read_text()) for split in ("train", "test")}
     assert [len(records["train"]), len(records["test"])] == [3, 2]
     assert [len(record["conversations"]) for record in records["test"]] == [2, 2]  # one question per held-out scene
+
+
+def test_the_documented_baseline_trains_with_the_arguments_of_train():
+    """docs/training.md's baseline command repeats what `python -m tokenpacker.shapes train` passes to
+    tokenpacker-train, so that both projectors are trained alike."""
+    page = (Path(__file__).resolve().parents[1] / "docs" / "training.md").read_text()
+    command = page.split("python benchmarks/avg_pool_baseline.py ", 1)[1].split("\n```", 1)[0].split("\npython", 1)[0]
+    arguments = shlex.split(command.replace("\\\n", " "))
+    assert arguments[-4:] == ["--test-path", "runs/shapes/test.json", "--tokenpacker-model", "runs/tiny-shapes"]
+    assert arguments[:-4] == training_arguments("runs/shapes", "runs/base", "runs/avg-pool", MAX_STEPS)
+
+
+def test_train_refuses_a_step_count_below_one(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--data-dir", "runs/shapes", "--base-dir", "runs/base", "--output-dir", "out", "--max-steps", "0"])
+    assert "--max-steps must be a positive integer, got 0" in capsys.readouterr().err
+
+
+def test_reproduce_runs_every_step_and_compares_the_weights_with_the_shipped_ones(tmp_path, monkeypatch, capsys):
+    """`reproduce` on a few scenes and steps: run twice with the same settings, the second run's weights are byte for
+    byte the first's (here standing in for the shipped model); a different file is reported and exits 1."""
+    monkeypatch.setattr(shapes, "PRETRAINING_SCENES", 32)
+    arguments = ["--num-train", "16", "--num-test", "5", "--pretraining-steps", "2", "--max-steps", "2"]
+    main(["reproduce", "--output-dir", str(tmp_path / "first"), *arguments])
+    out = capsys.readouterr().out
+    assert "Not the shipped model's settings: the weights are not compared with the shipped ones." in out
+    assert json.loads(out[out.index("{\n") : out.rindex("}") + 1])["question kind"].keys() <= set(QUESTION_KINDS)
+    assert "tokenpacker-train --vision-tower " in out and "data, base and train took " in out
+    first = tmp_path / "first" / "tiny-shapes"
+    assert (tmp_path / "first" / "shapes" / "test.json").is_file() and (tmp_path / "first" / "base" / "vision").is_dir()
+
+    # these settings as the shipped model's, and the first run's weights as the shipped ones
+    for name, value in {"NUM_TRAIN": 16, "PRETRAINING_STEPS": 2, "MAX_STEPS": 2, "PRETRAINED": first}.items():
+        monkeypatch.setattr(shapes, name, value)
+    main(["reproduce", "--output-dir", str(tmp_path / "second"), *arguments])
+    out = capsys.readouterr().out
+    assert f"{tmp_path / 'second' / 'tiny-shapes' / 'model.safetensors'} is byte for byte the same as " in out
+
+    shipped_copy = tmp_path / "shipped"
+    shutil.copytree(first, shipped_copy)
+    weights = bytearray((shipped_copy / "model.safetensors").read_bytes())
+    weights[-1] ^= 1
+    (shipped_copy / "model.safetensors").write_bytes(bytes(weights))
+    monkeypatch.setattr(shapes, "PRETRAINED", shipped_copy)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["reproduce", "--output-dir", str(tmp_path / "third"), *arguments])
+    assert exit_info.value.code == 1
+    assert f"is different from {shipped_copy / 'model.safetensors'}" in capsys.readouterr().out
+
+    with pytest.raises(SystemExit):
+        main(["reproduce", "--output-dir", str(tmp_path / "first"), *arguments])
+    assert "exists and is not an empty folder: reproduce writes a new one" in capsys.readouterr().err

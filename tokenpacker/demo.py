@@ -27,7 +27,7 @@ from . import TokenPackerConfig, TokenPackerForConditionalGeneration, TokenPacke
 from .building import generation_config_for
 from .chat_session import describe_image
 from .processing import fast_tokenizer_from_sentencepiece, train_llama_sentencepiece
-from .shapes import PRETRAINED, QUESTIONS, render_scene
+from .shapes import PRETRAINED, QUESTION_KINDS, render_scene
 from .staging import OutputFolder
 
 DEMO_IMAGE = files("tokenpacker") / "assets" / "demo.png"
@@ -136,11 +136,11 @@ def trained_model_demo(scene_index: int, question: str | None, max_new_tokens: i
     answerer = pipeline("image-text-to-text", model=model, processor=processor)
     load_seconds = time.perf_counter() - load_start
     scene = render_scene("test", scene_index)
-    truths = {text: getattr(scene, attribute) for attribute, text in QUESTIONS.items()}
-    questions = [question] if question is not None else list(truths)
+    truths = dict(scene.questions())
+    questions = [question] if question is not None else [scene.questions(kind)[0][0] for kind in QUESTION_KINDS]
     print(f"Model: {PRETRAINED} (trained on tiny shapes; `--random` for the random-weight model)")
-    article = "an" if scene.colour[0] in "aeiou" else "a"
-    print(f"Image: held-out tiny-shapes scene {scene_index}: {article} {scene.colour} {scene.kind}, {scene.position}")
+    width, height = scene.image.size
+    print(f"Image: held-out tiny-shapes scene {scene_index} ({width}x{height}): {scene.description}")
     answer_start = time.perf_counter()
     for text in questions:
         messages = [{"role": "user", "content": [{"type": "image", "image": scene.image}, {"type": "text", "text": text}]}]

@@ -14,26 +14,29 @@ def prompt(question: str) -> str:
     )
 
 
-def scene_requests(tmp_path, sizes: list[tuple[int, int]]) -> list[dict]:
-    """One request per (width, height): a tiny-shapes test scene resized to it, asking for the colour."""
+def scene_requests(tmp_path, sizes: list[tuple[int, int] | None]) -> list[dict]:
+    """One request per (width, height): a tiny-shapes test scene resized to it (None: as drawn), asking for the
+    colour."""
     requests = []
     for index, size in enumerate(sizes):
         path = tmp_path / f"scene-{index}.png"
-        render_scene("test", index).image.resize(size).save(path)
+        image = render_scene("test", index).image
+        (image if size is None else image.resize(size)).save(path)
         requests.append({"prompt": prompt("What colour is the shape?"), "images": [str(path)], "max_tokens": 12})
     return requests
 
 
 def test_pad_greedy_ids_equal_transformers(tmp_path):
-    requests = scene_requests(tmp_path, [(336, 336), (500, 300), (200, 420)])
+    requests = scene_requests(tmp_path, [None, (500, 300), (200, 420)])
     requests.append({**requests[0], "prompt": prompt("Where is the shape?")})
 
     served = run_vllm_greedy(PRETRAINED, requests, tmp_path)
     reference = transformers_greedy(PRETRAINED, requests)
 
     assert_served_like_transformers(served, reference)
-    # The shipped model learned 336x336 scenes: on the unresized one its answers are right.
+    # The shipped model learned scenes of every size and aspect ratio: on one as drawn (409x868) its answers are right.
     scene = render_scene("test", 0)
+    assert scene.image.size == (409, 868)
     assert [served[0]["text"].strip(), served[3]["text"].strip()] == [scene.colour, scene.position]
 
 
