@@ -24,7 +24,7 @@ def test_vllm_answers_equal_the_transformers_backend_and_resume(tmp_path):
     ]  # fmt: skip
     reference = tmp_path / "transformers.jsonl"
     assert main([*arguments, "--answers-file", str(reference), "--batch-size", "4"]) == 0
-    # vLLM continues a file that the transformers backend started: 3 answers are there, 13 to go, in batches of 5.
+    # vLLM continues a file that the transformers backend started: 3 answers are there, the rest to go, in batches of 5.
     served = tmp_path / "vllm.jsonl"
     served.write_text("".join(reference.read_text().splitlines(keepends=True)[:3]))
     command = [
@@ -35,7 +35,7 @@ def test_vllm_answers_equal_the_transformers_backend_and_resume(tmp_path):
         command, cwd=REPO_ROOT, env=vllm_environment(tmp_path), capture_output=True, text=True, timeout=420
     )
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
-    assert "Wrote 13 answers" in completed.stdout
+    assert f"Wrote {len(truths) - 3} answers" in completed.stdout
 
     assert without_ids(served) == without_ids(reference)
     right = sum(answer["text"] == truths[answer["question_id"]] for answer in without_ids(served))
