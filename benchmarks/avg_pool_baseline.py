@@ -28,7 +28,7 @@ from transformers import set_seed
 
 from tokenpacker import TokenPackerForConditionalGeneration, TokenPackerProcessor
 from tokenpacker.modeling.modeling_tokenpacker import TokenPackerMLP
-from tokenpacker.shapes import COLOURS, KINDS, POSITIONS, evaluate, render_scene
+from tokenpacker.shapes import COLOURS, KINDS, POSITIONS, attribute_labels, evaluate, render_scene
 from tokenpacker.training import (
     DataArguments,
     ModelArguments,
@@ -79,19 +79,17 @@ def pooled_features(model, processor, split: str, count: int, batch_size: int = 
     hook = model.model.multi_modal_projector.output_proj.register_forward_hook(
         lambda module, inputs, output: captured.append(inputs[0].flatten(1))
     )
-    classes = probe_classes()
-    answers = {name: [] for name in classes}
+    labels = []
     try:
         for start in range(0, count, batch_size):
             scenes = [render_scene(split, index) for index in range(start, min(count, start + batch_size))]
             pixel_values = processor.image_processor([scene.image for scene in scenes], return_tensors="pt")["pixel_values"]
             model.model.get_image_features(pixel_values.to(model.device))
-            answers["colour"] += [classes["colour"].index(scene.colour) for scene in scenes]
-            answers["shape"] += [classes["shape"].index(scene.kind) for scene in scenes]
-            answers["position"] += [classes["position"].index(scene.position) for scene in scenes]
+            labels.append(attribute_labels(scenes))  # colour, kind, position: the columns in probe_classes' order
     finally:
         hook.remove()
-    return torch.cat(captured).float().cpu(), {name: torch.tensor(labels) for name, labels in answers.items()}
+    labels = torch.cat(labels)
+    return torch.cat(captured).float().cpu(), {name: labels[:, column] for column, name in enumerate(probe_classes())}
 
 
 def linear_probe(model, processor, num_train: int, num_test: int) -> dict[str, float]:

@@ -109,7 +109,8 @@ SPLITS = ("train", "test")
 NUM_TRAIN, NUM_TEST = 16000, 1200
 MAX_STEPS = 3000
 TRAINING_THREADS = 1
-# The projector of the shipped model, in `tokenpacker-train`'s flags: 12x12 patches pack 4x4 into 3x3 = 9 tokens.
+# The projector of the shipped model (`TokenPackerConfig` settings, and `tokenpacker-train`'s flags in
+# `training_arguments`): 12x12 patches pack 4x4 into 3x3 = 9 tokens.
 PROJECTOR_SETTINGS = {
     "scale_factor": 4, "vision_feature_layer": -1, "multi_level_feature_layers": [1, 2, 3], "projector_num_heads": 4,
     "initializer_range": 0.2,
@@ -252,7 +253,8 @@ def training_questions(scene: Scene, rng: random.Random) -> list[tuple[str, str]
     last = (rng.choice([rng.choice(DESCRIBE_QUESTIONS), other_question(rng)]), scene.description)
     if rng.random() < 1 / 5:
         return [last]
-    yes_no = {"colour": scene.questions("yes/no")[:2], "shape": scene.questions("yes/no")[2:]}
+    yes_no_pairs = scene.questions("yes/no")
+    yes_no = {"colour": yes_no_pairs[:2], "shape": yes_no_pairs[2:]}
     pairs = []
     for topic in rng.sample(["colour", "shape", "position"], 3):
         if topic in yes_no and rng.random() < 2 / 3:
@@ -264,14 +266,14 @@ def training_questions(scene: Scene, rng: random.Random) -> list[tuple[str, str]
 
 def test_question(scene: Scene, index: int) -> tuple[str, str, str]:
     """The held-out scene `index`'s one question: (kind, question, answer), the kinds of `QUESTION_KINDS` in turn and
-    the six yes/no questions in turn among the yes/no scenes."""
+    the four yes/no questions in turn among the yes/no scenes."""
     kind = QUESTION_KINDS[index % len(QUESTION_KINDS)]
     pairs = scene.questions(kind)
     return (kind, *pairs[(index // len(QUESTION_KINDS)) % len(pairs)])
 
 
 def write_dataset(output_dir: str | Path, num_train: int, num_test: int) -> Path:
-    """Writes `images/`, `train.json` (four questions per scene, `training_questions`) and `test.json`
+    """Writes `images/`, `train.json` (one or four questions per scene, `training_questions`) and `test.json`
     (one question per scene, `test_question`, with its kind in "question_kind")."""
     output_dir = Path(output_dir)
     (output_dir / "images").mkdir(parents=True, exist_ok=True)
@@ -370,9 +372,7 @@ def pretrain_vision_tower(
         return inner.get_image_features(pixel_values=pixel_values).pooler_output.flatten(1)
 
     train_pixels, train_labels = pixels("train", PRETRAINING_SCENES)
-    vision = model.config.vision_config
-    tokens = (vision.image_size // vision.patch_size // model.config.scale_factor) ** 2  # 9 per image
-    width = tokens * model.config.text_config.hidden_size
+    width = model.config.num_image_tokens * model.config.text_config.hidden_size  # 9 tokens per image
     heads = torch.nn.ModuleList(
         torch.nn.Sequential(torch.nn.Linear(width, 256), torch.nn.GELU(), torch.nn.Linear(256, classes))
         for classes in (len(COLOURS), len(KINDS), GRID * GRID)
@@ -405,10 +405,12 @@ def pretrain_vision_tower(
 def training_arguments(data_dir: str | Path, base_dir: str | Path, output_dir: str | Path, max_steps: int) -> list[str]:
     """The `tokenpacker-train` arguments of the shipped model: stage 2 (projector and language model) from the base
     models of `base`, on the train.json of `data`."""
+    projector = []
+    for name, value in PROJECTOR_SETTINGS.items():
+        projector += [f"--{name.replace('_', '-')}", *map(str, value if isinstance(value, list) else [value])]
     return [
-        "--vision-tower", f"{base_dir}/vision", "--language-model", f"{base_dir}/text", "--scale-factor", "4",
-        "--vision-feature-layer", "-1", "--multi-level-feature-layers", "1", "2", "3", "--projector-num-heads", "4",
-        "--initializer-range", "0.2", "--data-path", f"{data_dir}/train.json", "--per-device-train-batch-size", "16",
+        "--vision-tower", f"{base_dir}/vision", "--language-model", f"{base_dir}/text", *projector,
+        "--data-path", f"{data_dir}/train.json", "--per-device-train-batch-size", "16",
         "--max-steps", str(max_steps), "--learning-rate", "3e-4", "--lr-scheduler-type", "cosine",
         "--warmup-steps", "100", "--weight-decay", "0", "--logging-steps", "100", "--save-strategy", "no",
         "--dataloader-num-workers", "1", "--use-cpu", "--seed", "0", "--report-to", "none",
