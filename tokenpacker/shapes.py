@@ -107,6 +107,9 @@ OTHER_WORDS = (
 ).split()
 SPLITS = ("train", "test")
 NUM_TRAIN, NUM_TEST = 16000, 1200
+# How many yes/no questions in a row a training conversation asks on the colour and on the kind (at least, at most),
+# when it asks yes/no on them (`training_questions`).
+YES_NO_RUNS = {"colour": (3, 3), "shape": (2, 2)}
 MAX_STEPS = 3000
 TRAINING_THREADS = 1
 # The projector of the shipped model (`TokenPackerConfig` settings, and `tokenpacker-train`'s flags in
@@ -243,22 +246,42 @@ def other_question(rng: random.Random) -> str:
     return " ".join(words).capitalize() + rng.choice("?.")
 
 
+def yes_no_run(true: str, options: list[str] | tuple[str, ...], count: int, rng: random.Random) -> list[tuple]:
+    """`count` yes/no questions in a row on one attribute: (value asked, true answer) on distinct values of
+    `options`. Until `true` was asked, each asks about it at even odds, else about another value; after a "yes" the
+    rest are "no", which the conversation's history tells as well as the image."""
+    asked, run = set(), []
+    for _ in range(count):
+        if true not in asked and rng.random() < 0.5:
+            value = true
+        else:
+            value = rng.choice([option for option in options if option != true and option not in asked])
+        asked.add(value)
+        run.append((value, "yes" if value == true else "no"))
+    return run
+
+
 def training_questions(scene: Scene, rng: random.Random) -> list[tuple[str, str]]:
-    """One training conversation on `scene`, so that no answer can be read off an earlier one.
+    """One training conversation on `scene`.
 
     A fifth of the conversations ask one question only: a description question or another question (answered with
-    the description). The others ask on each of the colour, kind and position in random order (on the colour and the
-    kind a yes/no question, yes or no at even odds, two times in three, else the open question), then the description
-    or another question."""
+    the description). The others ask on each of the colour, kind and position in random order, then for the
+    description or another question. On the colour and the kind, two times in three the questions are yes/no, a run
+    of `YES_NO_RUNS` of them on distinct values (`yes_no_run`: the first "yes" at even odds), else the open question.
+    No open answer can be read off an earlier one."""
     last = (rng.choice([rng.choice(DESCRIBE_QUESTIONS), other_question(rng)]), scene.description)
     if rng.random() < 1 / 5:
         return [last]
-    yes_no_pairs = scene.questions("yes/no")
-    yes_no = {"colour": yes_no_pairs[:2], "shape": yes_no_pairs[2:]}
+    yes_no = {
+        "colour": (scene.colour, sorted(COLOURS), "Is the shape {}?"),
+        "shape": (scene.kind, KINDS, "Is there a {}?"),
+    }
     pairs = []
     for topic in rng.sample(["colour", "shape", "position"], 3):
         if topic in yes_no and rng.random() < 2 / 3:
-            pairs.append(rng.choice(yes_no[topic]))
+            true, options, question = yes_no[topic]
+            run = yes_no_run(true, options, rng.randint(*YES_NO_RUNS[topic]), rng)
+            pairs += [(question.format(value), answer) for value, answer in run]
         else:
             pairs.append(scene.questions(topic)[0])
     return [*pairs, last]
@@ -295,10 +318,15 @@ def write_dataset(output_dir: str | Path, num_train: int, num_test: int) -> Path
 
 
 def train_tokenizer(output_dir: str | Path, vocab_size: int = 512) -> PreTrainedTokenizerFast:
-    """A LLaMA-style tokenizer (sentencepiece BPE with byte fallback; unk 0, bos 1, eos 2) for this task's chats."""
+    """A LLaMA-style tokenizer (sentencepiece BPE with byte fallback; unk 0, bos 1, eos 2) for this task's chats,
+    trained on chats of every question of 2,000 training scenes (`Scene.questions`, a description question and
+    another question) in random order: its pieces do not depend on the mix of `training_questions`."""
     sentences = []
     for index in range(2000):
-        pairs = training_questions(render_scene("train", index), random.Random(f"tokenizer-{index}"))
+        scene, rng = render_scene("train", index), random.Random(f"tokenizer-{index}")
+        described = [(rng.choice(DESCRIBE_QUESTIONS), scene.description), (other_question(rng), scene.description)]
+        pairs = [*scene.questions(), *described]
+        rng.shuffle(pairs)
         turns = " ".join(f"USER: {q} ASSISTANT: {a}" for q, a in pairs)
         sentences.append(f"{VICUNA_V1_SYSTEM_PROMPT} {turns}")
     output_dir = Path(output_dir)
@@ -412,7 +440,7 @@ def training_arguments(data_dir: str | Path, base_dir: str | Path, output_dir: s
         "--vision-tower", f"{base_dir}/vision", "--language-model", f"{base_dir}/text", *projector,
         "--data-path", f"{data_dir}/train.json", "--per-device-train-batch-size", "16",
         "--max-steps", str(max_steps), "--learning-rate", "3e-4", "--lr-scheduler-type", "cosine",
-        "--warmup-steps", "100", "--weight-decay", "0", "--logging-steps", "100", "--save-strategy", "no",
+        "--train-vision-tower", "--vision-tower-lr", "1e-4", "--warmup-steps", "100", "--weight-decay", "0", "--logging-steps", "100", "--save-strategy", "no",
         "--dataloader-num-workers", "1", "--use-cpu", "--seed", "0", "--report-to", "none",
         "--output-dir", str(output_dir),
     ]  # fmt: skip
