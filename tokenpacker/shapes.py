@@ -296,8 +296,8 @@ def test_question(scene: Scene, index: int) -> tuple[str, str, str]:
 
 
 def write_dataset(output_dir: str | Path, num_train: int, num_test: int) -> Path:
-    """Writes `images/`, `train.json` (one or four questions per scene, `training_questions`) and `test.json`
-    (one question per scene, `test_question`, with its kind in "question_kind")."""
+    """Writes `images/`, `train.json` (one, or four to seven questions per scene, `training_questions`) and
+    `test.json` (one question per scene, `test_question`, with its kind in "question_kind")."""
     output_dir = Path(output_dir)
     (output_dir / "images").mkdir(parents=True, exist_ok=True)
     for split, count in (("train", num_train), ("test", num_test)):
@@ -431,8 +431,8 @@ def pretrain_vision_tower(
 
 
 def training_arguments(data_dir: str | Path, base_dir: str | Path, output_dir: str | Path, max_steps: int) -> list[str]:
-    """The `tokenpacker-train` arguments of the shipped model: stage 2 (projector and language model) from the base
-    models of `base`, on the train.json of `data`."""
+    """The `tokenpacker-train` arguments of the shipped model: stage 2 (projector and language model) with the tower
+    trained too at a third of their learning rate, from the base models of `base`, on the train.json of `data`."""
     projector = []
     for name, value in PROJECTOR_SETTINGS.items():
         projector += [f"--{name.replace('_', '-')}", *map(str, value if isinstance(value, list) else [value])]
@@ -440,8 +440,9 @@ def training_arguments(data_dir: str | Path, base_dir: str | Path, output_dir: s
         "--vision-tower", f"{base_dir}/vision", "--language-model", f"{base_dir}/text", *projector,
         "--data-path", f"{data_dir}/train.json", "--per-device-train-batch-size", "16",
         "--max-steps", str(max_steps), "--learning-rate", "3e-4", "--lr-scheduler-type", "cosine",
-        "--train-vision-tower", "--vision-tower-lr", "1e-4", "--warmup-steps", "100", "--weight-decay", "0", "--logging-steps", "100", "--save-strategy", "no",
-        "--dataloader-num-workers", "1", "--use-cpu", "--seed", "0", "--report-to", "none",
+        "--train-vision-tower", "--vision-tower-lr", "1e-4", "--warmup-steps", "100", "--weight-decay", "0",
+        "--logging-steps", "100", "--save-strategy", "no", "--dataloader-num-workers", "1", "--use-cpu", "--seed", "0",
+        "--report-to", "none",
         "--output-dir", str(output_dir),
     ]  # fmt: skip
 
