@@ -87,6 +87,8 @@ POSITIONS = (("top left", "top", "top right"), ("left", "centre", "right"), ("bo
 QUESTION_KINDS = ("colour", "position", "shape", "yes/no", "description")
 # The open questions on a scene's attributes.
 QUESTIONS = {"colour": "What colour is the shape?", "position": "Where is the shape?", "shape": "What shape is it?"}
+# The yes/no questions on the colour and on the kind, "{}" the value asked about.
+YES_NO_QUESTIONS = {"colour": "Is the shape {}?", "shape": "Is there a {}?"}
 DESCRIBE_QUESTIONS = (
     "What is in this image?",
     "Describe the image.",
@@ -167,10 +169,10 @@ class Scene:
             "position": [(QUESTIONS["position"], self.position)],
             "shape": [(QUESTIONS["shape"], self.kind)],
             "yes/no": [
-                (f"Is the shape {self.colour}?", "yes"),
-                (f"Is the shape {self.absent_colour}?", "no"),
-                (f"Is there a {self.kind}?", "yes"),
-                (f"Is there a {self.absent_kind}?", "no"),
+                (YES_NO_QUESTIONS["colour"].format(self.colour), "yes"),
+                (YES_NO_QUESTIONS["colour"].format(self.absent_colour), "no"),
+                (YES_NO_QUESTIONS["shape"].format(self.kind), "yes"),
+                (YES_NO_QUESTIONS["shape"].format(self.absent_kind), "no"),
             ],
             "description": [(DESCRIBE_QUESTIONS[0], self.description)],
         }
@@ -272,16 +274,13 @@ def training_questions(scene: Scene, rng: random.Random) -> list[tuple[str, str]
     last = (rng.choice([rng.choice(DESCRIBE_QUESTIONS), other_question(rng)]), scene.description)
     if rng.random() < 1 / 5:
         return [last]
-    yes_no = {
-        "colour": (scene.colour, sorted(COLOURS), "Is the shape {}?"),
-        "shape": (scene.kind, KINDS, "Is there a {}?"),
-    }
+    yes_no = {"colour": (scene.colour, sorted(COLOURS)), "shape": (scene.kind, KINDS)}
     pairs = []
     for topic in rng.sample(["colour", "shape", "position"], 3):
         if topic in yes_no and rng.random() < 2 / 3:
-            true, options, question = yes_no[topic]
+            true, options = yes_no[topic]
             run = yes_no_run(true, options, rng.randint(*YES_NO_RUNS[topic]), rng)
-            pairs += [(question.format(value), answer) for value, answer in run]
+            pairs += [(YES_NO_QUESTIONS[topic].format(value), answer) for value, answer in run]
         else:
             pairs.append(scene.questions(topic)[0])
     return [*pairs, last]
