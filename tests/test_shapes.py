@@ -111,8 +111,12 @@ def test_questions_hold_every_kind_with_true_and_balanced_answers():
         scene.questions("size")
 
 
-def yes_no_topic(question: str) -> str | None:
-    return "colour" if question.startswith("Is the shape ") else "shape" if question.startswith("Is there a ") else None
+def yes_no_asked(question: str) -> tuple[str, str] | None:
+    """(attribute, value) that a yes/no question of the task asks about, read off its wording; None for the others."""
+    for topic, prefix in (("colour", "Is the shape "), ("shape", "Is there a ")):
+        if question.startswith(prefix) and question.endswith("?"):
+            return topic, question[len(prefix) : -1]
+    return None
 
 
 def test_training_asks_yes_no_runs_whose_first_question_is_yes_at_even_odds():
@@ -124,9 +128,9 @@ def test_training_asks_yes_no_runs_whose_first_question_is_yes_at_even_odds():
         truth = {"colour": scene.colour, "shape": scene.kind}
         runs = {}
         for question, answer in training_questions(scene, random.Random(index)):
-            topic = yes_no_topic(question)
-            if topic is not None:
-                value = question.removeprefix("Is the shape ").removeprefix("Is there a ").removesuffix("?")
+            asked = yes_no_asked(question)
+            if asked is not None:
+                topic, value = asked
                 assert answer == ("yes" if value == truth[topic] else "no"), (question, answer, scene)
                 runs.setdefault(topic, []).append((value, answer))
         for topic, run in runs.items():
@@ -154,7 +158,7 @@ def test_training_conversations_ask_on_every_attribute_then_for_the_description(
         assert pairs[-1][1] == scene.description and all(answer != scene.description for _, answer in pairs[:-1])
         topics = []
         for question, answer in pairs[:-1]:
-            topic = yes_no_topic(question)
+            topic = (yes_no_asked(question) or (None,))[0]
             if topic is None:
                 topics_asked = ("colour", "shape", "position")
                 topic = next(kind for kind in topics_asked if scene.questions(kind) == [(question, answer)])
@@ -243,7 +247,7 @@ def test_the_shipped_model_compares_the_colour_and_kind_asked_with_the_image(shi
     answers = greedy(shipped, [scene.image for scene, _, _ in asked], [question for _, question, _ in asked])
     right = Counter()
     for (_, question, true), (answer, _) in zip(asked, answers):
-        right[yes_no_topic(question), true, answer == ("yes" if true else "no")] += 1
+        right[yes_no_asked(question)[0], true, answer == ("yes" if true else "no")] += 1
     for attribute in ("colour", "shape"):
         for true in (True, False):
             hits, total = right[attribute, true, True], right[attribute, true, True] + right[attribute, true, False]
