@@ -27,6 +27,7 @@ from tokenpacker.shapes import (
     QUESTION_KINDS,
     RATIO_GROUPS,
     SHIPPED_FILES,
+    YES_NO_QUESTIONS,
     YES_NO_RUNS,
     evaluate,
     main,
@@ -112,10 +113,12 @@ def test_questions_hold_every_kind_with_true_and_balanced_answers():
 
 
 def yes_no_asked(question: str) -> tuple[str, str] | None:
-    """(attribute, value) that a yes/no question of the task asks about, read off its wording; None for the others."""
-    for topic, prefix in (("colour", "Is the shape "), ("shape", "Is there a ")):
-        if question.startswith(prefix) and question.endswith("?"):
-            return topic, question[len(prefix) : -1]
+    """(attribute, value) that a yes/no question of the task asks about, read off the wordings of
+    `YES_NO_QUESTIONS`; None for the others."""
+    for topic, template in YES_NO_QUESTIONS.items():
+        prefix, suffix = template.split("{}")
+        if question.startswith(prefix) and question.endswith(suffix):
+            return topic, question[len(prefix) : len(question) - len(suffix)]
     return None
 
 
@@ -158,7 +161,8 @@ def test_training_conversations_ask_on_every_attribute_then_for_the_description(
         assert pairs[-1][1] == scene.description and all(answer != scene.description for _, answer in pairs[:-1])
         topics = []
         for question, answer in pairs[:-1]:
-            topic = (yes_no_asked(question) or (None,))[0]
+            yes_no = yes_no_asked(question)
+            topic = yes_no[0] if yes_no is not None else None
             if topic is None:
                 topics_asked = ("colour", "shape", "position")
                 topic = next(kind for kind in topics_asked if scene.questions(kind) == [(question, answer)])
