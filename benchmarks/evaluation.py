@@ -3,7 +3,7 @@ model_vqa_loader.py does) beside batches of 16 with transformers and, where vLLM
 
 The same questions for every procedure: the first N questions of the held-out tiny-shapes scenes, in the original's
 jsonl format. Two models:
-- tiny-shapes: the shipped model (a 12x12-patch tower, 9 visual tokens, 3 Llama layers of width 128); answers of a
+- tiny-shapes: the shipped model (a 12x12-patch tower, 36 visual tokens, 3 Llama layers of width 128); answers of a
   word or two;
 - random: random weights, a tower on CLIP ViT-L/14-336's 24x24 patch grid (width 256, 6 layers), 144 visual tokens,
   4 Llama layers of width 512; its answers run to `--max-new-tokens`.

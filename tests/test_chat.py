@@ -66,9 +66,9 @@ def test_from_a_pipe_one_answer_line_per_question(scenes, position_answer):
     assert done.stderr.splitlines() == [
         "Image: held-out tiny-shapes scene 0 (--image FILE_OR_URL for another)",
         f"Model: tiny-shapes (shipped) ('pad', float32 on {'cuda:0' if torch.cuda.is_available() else 'cpu'})",
-        "Visual tokens: 9 for the image; LLaVA-1.5 uses 576 for one 336x336 crop",
+        "Visual tokens: 36 for the image; LLaVA-1.5 uses 576 for one 336x336 crop",
         f"Image: {path}, {second.image.width}x{second.image.height}",
-        "Visual tokens: 9 for the image; LLaVA-1.5 uses 576 for one 336x336 crop",
+        "Visual tokens: 36 for the image; LLaVA-1.5 uses 576 for one 336x336 crop",
         "Conversation reset; the image stays.",
     ]
 
@@ -157,7 +157,7 @@ def test_in_a_terminal_prompts_streams_switches_images_resets_and_quits_on_ctrl_
     chat = terminal("--max-new-tokens", "8")
     opening = chat.read_until(r"USER: ")
     assert opening.startswith("Image: held-out tiny-shapes scene 0 (--image FILE_OR_URL for another)\n")
-    assert "Visual tokens: 9 for the image" in opening and "/help shows the commands" in opening
+    assert "Visual tokens: 36 for the image" in opening and "/help shows the commands" in opening
 
     chat.type(COLOUR + "\n")
     assert chat.read_until(r"USER: ") == f"{COLOUR}\nASSISTANT: {first.colour}\nUSER: "
@@ -169,7 +169,7 @@ def test_in_a_terminal_prompts_streams_switches_images_resets_and_quits_on_ctrl_
     assert "error: image file 'no-such-file.png' does not exist" in chat.read_until(r"USER: ")  # and it goes on
     chat.type(f"/image '{path}'\n")
     size = f"{second.image.width}x{second.image.height}"
-    assert f"Image: {path}, {size}\nVisual tokens: 9 for the image" in chat.read_until(r"USER: ")
+    assert f"Image: {path}, {size}\nVisual tokens: 36 for the image" in chat.read_until(r"USER: ")
     chat.type(COLOUR + "\n")
     assert f"ASSISTANT: {second.colour}\n" in chat.read_until(r"USER: ")
     chat.type("/reset\n")

@@ -66,7 +66,7 @@ def test_two_turns_stream_generates_greedy_answers_and_render_the_original_histo
     spy = GenerateSpy(monkeypatch, model)
     scene = render_scene("test", 7)
     info = session.set_image(scene.image)
-    assert (info.size, info.num_crops, info.grid, info.num_visual_tokens) == (scene.image.size, 1, None, 9)
+    assert (info.size, info.num_crops, info.grid, info.num_visual_tokens) == (scene.image.size, 1, None, 36)
 
     first = list(session.ask(COLOUR))
     second = list(session.ask(POSITION))
@@ -267,5 +267,5 @@ def test_describe_image_counts_what_the_processor_makes(shapes_model):
     crops = processor(images=[image], text="<image>")
     assert info.size == (500, 200) and info.grid is None
     assert info.num_crops == crops["pixel_values"].shape[0] == 1
-    assert info.num_visual_tokens == crops["input_ids"][0].tolist().count(processor.image_token_id) == 9
-    assert info.summary() == "9 for the image; LLaVA-1.5 uses 576 for one 336x336 crop"
+    assert info.num_visual_tokens == crops["input_ids"][0].tolist().count(processor.image_token_id) == 36
+    assert info.summary() == "36 for the image; LLaVA-1.5 uses 576 for one 336x336 crop"

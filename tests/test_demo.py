@@ -65,7 +65,7 @@ def test_the_default_demo_answers_a_held_out_scene_with_the_trained_model(capsys
     for kind in QUESTION_KINDS:
         question, truth = scene.questions(kind)[0]
         assert f"Question: {question}\nAnswer: {truth} (true answer: {truth})" in out
-    assert "Visual tokens: 9 for the image (each packs a 4x4 region of the 12x12 patch grid)" in out
+    assert "Visual tokens: 36 for the image (each packs a 2x2 region of the 12x12 patch grid)" in out
 
 
 def test_hd_and_output_go_with_the_random_model(capsys):

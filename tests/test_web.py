@@ -199,7 +199,7 @@ def test_an_hd_image_shows_its_grid_of_crops(tmp_path):
     (h_block, w_block), = reference_grids([400], [900], max_slices=session.processor.image_processor.max_slices)
     crops = h_block * w_block + 1
     assert "**Image:** 900x400" in info and f"{h_block}x{w_block} grid of crops + 1 thumbnail" in info
-    assert f"**Visual tokens:** {crops * 9} for the image" in info  # 9 tokens a crop, like the 'pad' image
+    assert f"**Visual tokens:** {crops * 36} for the image" in info  # 36 tokens a crop, like the 'pad' image
     assert conversation == [] and answer_time == ""
 
 

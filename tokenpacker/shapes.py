@@ -115,9 +115,10 @@ YES_NO_RUNS = {"colour": (3, 3), "shape": (2, 2)}
 MAX_STEPS = 3000
 TRAINING_THREADS = 1
 # The projector of the shipped model (`TokenPackerConfig` settings, and `tokenpacker-train`'s flags in
-# `training_arguments`): 12x12 patches pack 4x4 into 3x3 = 9 tokens.
+# `training_arguments`): 12x12 patches pack 2x2 into 6x6 = 36 tokens, two a cell of the 3x3 grid across a square
+# image, so that even a 3:1 image, a band of the padded square 4 patches wide, spans two tokens (docs/training.md).
 PROJECTOR_SETTINGS = {
-    "scale_factor": 4, "vision_feature_layer": -1, "multi_level_feature_layers": [1, 2, 3], "projector_num_heads": 4,
+    "scale_factor": 2, "vision_feature_layer": -1, "multi_level_feature_layers": [1, 2, 3], "projector_num_heads": 4,
     "initializer_range": 0.2,
 }  # fmt: skip
 # Pretraining of the random tower in `base`: scenes, steps of `PRETRAINING_BATCH` scenes, learning rate (AdamW).
@@ -378,7 +379,7 @@ def pretrain_vision_tower(
     vision_dir: str | Path, text_dir: str | Path, steps: int = PRETRAINING_STEPS, log=print
 ) -> CLIPVisionModel:
     """The tower of `vision_dir` trained to tell the scenes' colour, kind and position, as a TokenPacker model of the
-    shipped model's settings with a fresh projector sees them: the 9 packed tokens of an image, flattened, go to one
+    shipped model's settings with a fresh projector sees them: the 36 packed tokens of an image, flattened, go to one
     small MLP head per attribute, and tower, projector and heads train together (`PRETRAINING_STEPS` steps of
     `PRETRAINING_BATCH` of `PRETRAINING_SCENES` training scenes). Only the tower is kept.
 
@@ -399,7 +400,7 @@ def pretrain_vision_tower(
         return inner.get_image_features(pixel_values=pixel_values).pooler_output.flatten(1)
 
     train_pixels, train_labels = pixels("train", PRETRAINING_SCENES)
-    width = model.config.num_image_tokens * model.config.text_config.hidden_size  # 9 tokens per image
+    width = model.config.num_image_tokens * model.config.text_config.hidden_size  # 36 tokens per image
     heads = torch.nn.ModuleList(
         torch.nn.Sequential(torch.nn.Linear(width, 256), torch.nn.GELU(), torch.nn.Linear(256, classes))
         for classes in (len(COLOURS), len(KINDS), GRID * GRID)
