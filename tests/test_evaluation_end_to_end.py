@@ -141,8 +141,9 @@ def test_yes_no_questions_are_answered_and_scored_like_pope(pope_files):
         assert [row["tp"], row["fp"], row["tn"], row["fn"]] == [pairs.count(outcome) for outcome in outcomes]
         assert row["accuracy"] == pytest.approx(100 * sum(a == b for a, b in pairs) / len(pairs))
         assert row["yes_ratio"] == pytest.approx(100 * said.count("yes") / len(said))
-        # docs/training.md: the shipped model says "yes" to a wrong colour about a quarter of the time
-        assert row["accuracy"] >= 85, (category, row)
+        # docs/training.md: on held-out scenes 0-199 the shipped model answers 999 of 1,000 questions on a wrong colour
+        # and all 200 on the scene's own colour right
+        assert row["accuracy"] >= 95, (category, row)
     assert results["average"]["accuracy"] == pytest.approx(
         sum(row["accuracy"] for row in results["categories"].values()) / 2
     )
