@@ -162,8 +162,9 @@ def test_training_conversations_ask_on_every_attribute_then_for_the_description(
         topics = []
         for question, answer in pairs[:-1]:
             yes_no = yes_no_asked(question)
-            topic = yes_no[0] if yes_no is not None else None
-            if topic is None:
+            if yes_no is not None:
+                topic = yes_no[0]
+            else:
                 topics_asked = ("colour", "shape", "position")
                 topic = next(kind for kind in topics_asked if scene.questions(kind) == [(question, answer)])
                 asked["open", topic] += 1
