@@ -154,7 +154,9 @@ def _zip_pickles(path: Path) -> str | None:
                     head = member.read(COMPRESSED_SNIFF_BYTES)
                 if head.startswith(NPY_MAGIC) and _npy_holds_objects(io.BytesIO(head)):
                     return f"a zip archive whose {name} is a numpy array of Python objects"
-    except (zipfile.BadZipFile, OSError, RuntimeError, NotImplementedError):  # not a zip numpy or torch can read
+    except (zipfile.BadZipFile, OSError, RuntimeError, NotImplementedError):
+        # Corrupt, encrypted or compressed in a way zipfile cannot read: then numpy and torch cannot open it either, so
+        # nothing in it would ever be unpickled. That is the answer "no pickled content", not an error to hide.
         return None
     return None
 
